@@ -1,0 +1,1 @@
+"""The fleet side of edgefleet: ingestion, fleet drift, rollouts, operator API (later issues)."""
