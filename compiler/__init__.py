@@ -1,0 +1,6 @@
+"""The compiler: a fitted scikit-learn pipeline becomes one signed `.edgebundle`.
+
+Entry point: :func:`compiler.compile.compile_bundle` (CLI: `edgefleet compile`).
+"""
+
+__all__: list[str] = []
