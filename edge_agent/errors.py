@@ -5,7 +5,12 @@ Hierarchy::
     AgentError                    base of everything this package raises
     ├── BundleError               a bundle that is truncated, tampered, badly signed or unsafe
     │   └── SignatureError        the signature does not verify against any trusted key
-    └── PreprocessError           a preprocessing spec or input that the kernels cannot run
+    ├── PreprocessError           a preprocessing spec or input that the kernels cannot run
+    ├── InputError                a request that does not match the bundle's input schema (4xx)
+    ├── ConfigError               a config file or environment variable with a bad key or value
+    ├── NotReadyError             no verified model is serving (503)
+    ├── FeedbackError             feedback for an unknown prediction or a bad label (4xx)
+    └── StoreError                the agent's SQLite database cannot be opened or migrated
 
 Each message says what failed, the value, and what was expected.
 """
@@ -27,3 +32,27 @@ class SignatureError(BundleError):
 
 class PreprocessError(AgentError):
     """A preprocessing spec or its input is invalid."""
+
+
+class InputError(AgentError):
+    """A request does not match the bundle's input schema."""
+
+
+class ConfigError(AgentError):
+    """The agent's configuration is invalid."""
+
+
+class NotReadyError(AgentError):
+    """No verified model is serving."""
+
+
+class FeedbackError(AgentError):
+    """Feedback that names an unknown prediction or carries a bad label."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class StoreError(AgentError):
+    """The agent's database cannot be opened or migrated."""

@@ -21,6 +21,7 @@ _COMMANDS = {
     "compile": ("compiler.cli:compile_command", "Compile a fitted scikit-learn pipeline."),
     "bundle": ("compiler.cli:bundle", "Inspect and verify .edgebundle files."),
     "keys": ("compiler.cli:keys", "Manage Ed25519 signing keys."),
+    "agent": ("edge_agent.cli:agent", "Run the device agent; status, drift, batch scoring."),
     "bench": ("edgefleet.bench:bench", "Run benchmarks (ratios against raw baselines)."),
     "demo": ("edgefleet.demo:demo", "Run the end-to-end demo."),
 }

@@ -1,0 +1,172 @@
+"""`edgefleet agent ...`: run the daemon, warm numba's cache, look at status and drift offline,
+score files in batch.
+
+Heavy modules are imported inside the commands, after ``NUMBA_CACHE_DIR`` points into the data
+dir: numba picks its cache folder when a kernel module is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edge_agent.config import AgentConfig, load_config
+
+__all__ = ["agent"]
+
+CONFIG_OPTION = click.option(
+    "-c", "--config", "config_path", type=click.Path(path_type=Path), default=None,
+    envvar="EDGEFLEET_AGENT_CONFIG", help="agent.toml (env overrides: EDGEFLEET_AGENT_*).")
+
+
+def _config(path: Path | None) -> AgentConfig:
+    config = load_config(path)
+    os.environ.setdefault("NUMBA_CACHE_DIR", str(config.numba_cache_dir))
+    return config
+
+
+@click.group()
+def agent() -> None:
+    """The device agent: serve a bundle offline and record what the fleet needs."""
+
+
+@agent.command("run")
+@CONFIG_OPTION
+def run_command(config_path: Path | None) -> None:
+    """Serve the configured bundle until SIGTERM (HTTP API on the configured port)."""
+    config = _config(config_path)
+    from edge_agent.agent import Agent
+    from edge_agent.errors import NotReadyError
+
+    instance = Agent(config)
+    try:
+        if not instance.ready:
+            raise NotReadyError(
+                "nothing to serve: " + ("; ".join(instance.refusals) or "no bundle configured "
+                                        "and none installed (set `bundle` in the config)"))
+        blue = instance.serving()
+        click.echo(f"serving {blue.name} {blue.version} (device {config.device_id}, data "
+                   f"{config.data_dir})", err=True)
+        if config.http.enabled:
+            from edge_agent.http_api import serve_forever
+
+            serve_forever(instance, config.http.host, config.http.port)
+        else:
+            signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    finally:
+        instance.close()
+
+
+@agent.command("warmup")
+@CONFIG_OPTION
+def warmup_command(config_path: Path | None) -> None:
+    """Compile every numba kernel into the data dir's cache so restarts skip the JIT."""
+    _config(config_path)
+    t0 = time.perf_counter()
+    from edge_agent import preprocess, sketching
+
+    preprocess.warmup()
+    sketching.warmup()
+    click.echo(f"numba kernels compiled into {os.environ['NUMBA_CACHE_DIR']} in "
+               f"{time.perf_counter() - t0:.1f}s")
+
+
+def _store(config: AgentConfig) -> Any:
+    from edge_agent.store import AgentStore
+
+    if not config.db_path.exists():
+        raise click.ClickException(
+            f"no agent database at {config.db_path}; has `edgefleet agent run` started here?")
+    return AgentStore(config.db_path)
+
+
+@agent.command("status")
+@CONFIG_OPTION
+def status_command(config_path: Path | None) -> None:
+    """Current models, health of the last windows, recent refusals (offline)."""
+    config = _config(config_path)
+    store = _store(config)
+    try:
+        slots = store.slots()
+        click.echo(f"device      {config.device_id}")
+        for slot in ("blue", "green"):
+            rec = slots.get(slot)
+            click.echo(f"{slot:<11} " + (f"{rec.name} {rec.version} (sha256 {rec.sha256[:12]}..."
+                                         f", installed {_ts(rec.installed_at)})" if rec else "-"))
+        windows = store.windows()[-6:]
+        if windows:
+            click.echo(f"\n{'window start':<20} {'model':<18} {'requests':>8} {'errors':>6} "
+                       f"{'p50 us':>8} {'p99 us':>8} {'rss MB':>7} state")
+        for w in windows:
+            m = w.metrics
+            rss = m.get("rss_bytes")
+            click.echo(
+                f"{_ts(w.start):<20} {(w.model_name + ' ' + w.model_version)[:18]:<18} "
+                f"{m['requests']:>8} {m['errors']:>6} {_num(m.get('latency_p50_us')):>8} "
+                f"{_num(m.get('latency_p99_us')):>8} "
+                f"{(rss / 1e6 if rss else 0):>7.0f} {'closed' if w.closed else 'open'}")
+        refusals = store.events(["bundle_refused", "concept_drift"])[-5:]
+        for e in refusals:
+            click.echo(f"{_ts(e['ts'])} {e['kind']}: {e['detail']}")
+    finally:
+        store.close()
+
+
+def _ts(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
+@agent.command("drift")
+@CONFIG_OPTION
+@click.option("--minutes", default=60.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Merge the windows of this many last minutes.")
+def drift_command(config_path: Path | None, minutes: float) -> None:
+    """Per-feature drift of the serving model against its calibrated baseline (offline)."""
+    config = _config(config_path)
+    from edge_agent.bundle import load_public_key, read_bundle
+    from edge_agent.drift_report import drift_table
+
+    store = _store(config)
+    try:
+        blue = store.slots().get("blue")
+        if blue is None:
+            raise click.ClickException("no model installed")
+        manifest = read_bundle(blue.path, [load_public_key(p) for p in config.trusted_keys]
+                               ).manifest
+        since = time.time() - minutes * 60
+        windows = [w for w in store.windows(model_version=blue.version)
+                   if w.end > since and w.model_name == blue.name]
+        click.echo(drift_table(manifest, windows))
+    finally:
+        store.close()
+
+
+@agent.command("batch")
+@click.argument("input_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("-o", "--output", "output_file", required=True, type=click.Path(path_type=Path))
+@CONFIG_OPTION
+@click.option("--chunk-rows", default=4096, show_default=True, type=click.IntRange(1, 1_000_000))
+def batch_command(input_file: Path, output_file: Path, config_path: Path | None,
+                  chunk_rows: int) -> None:
+    """Score a CSV (or Parquet, with pyarrow) file in chunks; write predictions to OUTPUT."""
+    config = _config(config_path)
+    from edge_agent.agent import Agent
+    from edge_agent.batch import score_file
+
+    instance = Agent(config)
+    try:
+        rows = score_file(instance, input_file, output_file, chunk_rows=chunk_rows,
+                          progress=sys.stderr.isatty())
+    finally:
+        instance.close()
+    click.echo(f"scored {rows} rows -> {output_file}", err=True)

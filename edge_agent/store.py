@@ -1,0 +1,289 @@
+"""The agent's SQLite database: slots, telemetry windows, predictions, feedback, events.
+
+WAL with ``synchronous=FULL``: a commit survives a power cut once it returns (FIELD-NOTES:
+"Durability facts"). The writer thread commits in batches, so FULL costs little. At open the file
+gets ``PRAGMA quick_check``; a corrupt file is moved aside (``agent.db.corrupt-<time>``) and a
+new one started, rather than crash-looping on it. The schema is versioned with sqlite-utils
+``Migrations``; nothing here stores raw inputs unless sampling is switched on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+from edge_agent.errors import StoreError
+
+__all__ = ["AgentStore", "SlotRecord", "WindowRow", "WriteBatch"]
+
+log = logging.getLogger(__name__)
+
+migrations = Migrations("edge_agent")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.table("slots").create({"slot": str, "name": str, "version": str, "sha256": str, "path": str,
+                        "installed_at": float}, pk="slot")
+    db.table("windows").create({
+        "start": float, "end": float, "model_name": str, "model_version": str, "slot": str,
+        "closed": int, "layout": str, "inputs": bytes, "outputs": bytes, "metrics": str,
+        "rows": int, "updated_at": float,
+    }, pk=("start", "model_name", "model_version"))
+    db.table("windows").create_index(["closed", "start"])
+    # One row per request (a batch of n rows shares it): ids are "<boot>-<hex counter>", so a
+    # prediction id finds its row by (boot, first <= k < first + n). Outputs only, no inputs.
+    db.table("predictions").create({"boot": str, "first": int, "n": int, "ts": float,
+                              "model_name": str, "model_version": str, "labels": str,
+                              "scores": bytes}, pk=("boot", "first"))
+    db.table("predictions").create_index(["ts"])
+    db.table("feedback").create({"prediction_id": str, "ts": float, "label": str,
+                           "model_version": str, "correct": int, "residual": float},
+                          pk="prediction_id")
+    db.table("samples").create({"prediction_id": str, "ts": float, "model_version": str,
+                          "inputs": str}, pk="prediction_id")
+    db.table("events").create({"id": int, "ts": float, "kind": str, "detail": str}, pk="id")
+
+
+@dataclass(frozen=True)
+class SlotRecord:
+    slot: str
+    name: str
+    version: str
+    sha256: str
+    path: str
+    installed_at: float
+
+
+@dataclass(frozen=True)
+class WindowRow:
+    start: float
+    end: float
+    model_name: str
+    model_version: str
+    slot: str
+    closed: bool
+    layout: str
+    inputs: bytes
+    outputs: bytes
+    metrics: dict[str, Any]
+    rows: int
+    updated_at: float
+
+
+@dataclass
+class WriteBatch:
+    """Everything the writer commits in one transaction."""
+
+    windows: list[WindowRow] = field(default_factory=list)
+    #: (boot, first, n, ts, model_name, model_version, labels json, scores float32 bytes)
+    predictions: list[tuple[str, int, int, float, str, str, str, bytes]] = field(
+        default_factory=list)
+    feedback: list[tuple[str, float, str, str, int | None, float | None]] = field(
+        default_factory=list)
+    samples: list[tuple[str, float, str, str]] = field(default_factory=list)
+    events: list[tuple[float, str, dict[str, Any]]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.windows or self.predictions or self.feedback or self.samples
+                    or self.events)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    return conn
+
+
+class AgentStore:
+    """One SQLite file per agent; safe to share between the writer thread and readers."""
+
+    def __init__(self, path: str | Path, *, keep_predictions: int = 100_000,
+                 keep_windows: int = 2016) -> None:
+        self.path = Path(path)
+        self.keep_predictions = keep_predictions
+        self.keep_windows = keep_windows
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.quarantined: Path | None = None
+        try:
+            conn = self._open_checked()
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot open agent database {self.path}: {err}") from err
+        self.db = Database(conn)
+        try:
+            migrations.apply(self.db)
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot migrate agent database {self.path}: {err}") from err
+
+    def _open_checked(self) -> sqlite3.Connection:
+        conn = _connect(self.path)
+        try:
+            ok = conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        except sqlite3.DatabaseError:
+            ok = False
+        if not ok:
+            conn.close()
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            self.quarantined = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            self.path.rename(self.quarantined)
+            for suffix in ("-wal", "-shm"):
+                side = self.path.with_name(self.path.name + suffix)
+                if side.exists():
+                    side.rename(self.quarantined.with_name(self.quarantined.name + suffix))
+            log.error("agent database %s failed quick_check; moved to %s and starting fresh",
+                      self.path, self.quarantined)
+            conn = _connect(self.path)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()
+
+    # --- slots -----------------------------------------------------------------------------
+
+    def slots(self) -> dict[str, SlotRecord]:
+        with self._lock:
+            rows = list(self.db.table("slots").rows)
+        return {r["slot"]: SlotRecord(**r) for r in rows}
+
+    def set_slot(self, record: SlotRecord, event: tuple[str, dict[str, Any]] | None = None) -> None:
+        with self._lock, self.db.atomic():
+            self.db.table("slots").upsert(record.__dict__, pk="slot")
+            if event is not None:
+                self._event(time.time(), event[0], event[1])
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def _event(self, ts: float, kind: str, detail: dict[str, Any]) -> None:
+        self.db.execute("INSERT INTO events (ts, kind, detail) VALUES (?, ?, ?)",
+                        [ts, kind, json.dumps(detail, sort_keys=True)])
+
+    def record_event(self, kind: str, detail: dict[str, Any]) -> None:
+        with self._lock, self.db.atomic():
+            self._event(time.time(), kind, detail)
+
+    def write(self, batch: WriteBatch) -> None:
+        """Commit one batch atomically (one fsync under synchronous=FULL)."""
+        if not batch:
+            return
+        with self._lock, self.db.atomic():
+            conn = self.db.conn
+            if batch.windows:
+                conn.executemany(
+                    "INSERT INTO windows (start, end, model_name, model_version, slot, closed, "
+                    "layout, inputs, outputs, metrics, rows, updated_at) VALUES "
+                    "(?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (start, model_name, model_version) "
+                    "DO UPDATE SET end=excluded.end, slot=excluded.slot, closed=excluded.closed,"
+                    " layout=excluded.layout, inputs=excluded.inputs, outputs=excluded.outputs,"
+                    " metrics=excluded.metrics, rows=excluded.rows, "
+                    "updated_at=excluded.updated_at WHERE windows.closed = 0",
+                    [(w.start, w.end, w.model_name, w.model_version, w.slot, int(w.closed),
+                      w.layout, w.inputs, w.outputs, json.dumps(w.metrics, sort_keys=True),
+                      w.rows, w.updated_at) for w in batch.windows])
+            if batch.predictions:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO predictions (boot, first, n, ts, model_name, "
+                    "model_version, labels, scores) VALUES (?,?,?,?,?,?,?,?)", batch.predictions)
+            if batch.feedback:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO feedback (prediction_id, ts, label, model_version, "
+                    "correct, residual) VALUES (?,?,?,?,?,?)", batch.feedback)
+            if batch.samples:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO samples (prediction_id, ts, model_version, inputs) "
+                    "VALUES (?,?,?,?)", batch.samples)
+            for ts, kind, detail in batch.events:
+                self._event(ts, kind, detail)
+            if batch.predictions:
+                conn.execute(
+                    "DELETE FROM predictions WHERE ts < (SELECT ts FROM predictions ORDER BY ts "
+                    "DESC LIMIT 1 OFFSET ?)", [self.keep_predictions])
+            if any(w.closed for w in batch.windows):
+                conn.execute(
+                    "DELETE FROM windows WHERE closed = 1 AND start < (SELECT start FROM windows"
+                    " WHERE closed = 1 ORDER BY start DESC LIMIT 1 OFFSET ?)",
+                    [self.keep_windows])
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def _window(self, r: dict[str, Any]) -> WindowRow:
+        return WindowRow(
+            start=r["start"], end=r["end"], model_name=r["model_name"],
+            model_version=r["model_version"], slot=r["slot"], closed=bool(r["closed"]),
+            layout=r["layout"], inputs=r["inputs"], outputs=r["outputs"],
+            metrics=json.loads(r["metrics"]), rows=r["rows"], updated_at=r["updated_at"],
+        )
+
+    def windows(self, *, closed: bool | None = None, since: float | None = None,
+                model_version: str | None = None) -> list[WindowRow]:
+        where: list[str] = []
+        args: list[Any] = []
+        if closed is not None:
+            where.append("closed = ?")
+            args.append(int(closed))
+        if since is not None:
+            where.append("start >= ?")
+            args.append(since)
+        if model_version is not None:
+            where.append("model_version = ?")
+            args.append(model_version)
+        sql = " AND ".join(where) if where else None
+        with self._lock:
+            rows = list(self.db.table("windows").rows_where(sql, args, order_by="start"))
+        return [self._window(r) for r in rows]
+
+    def prediction(self, prediction_id: str) -> dict[str, Any] | None:
+        """The prediction an id names: model, version, label and score (confidence/value)."""
+        boot, _, hex_k = prediction_id.rpartition("-")
+        try:
+            k = int(hex_k, 16)
+        except ValueError:
+            return None
+        with self._lock:
+            row = self.db.execute(
+                "SELECT first, n, model_name, model_version, labels, scores FROM predictions "
+                "WHERE boot = ? AND first <= ? ORDER BY first DESC LIMIT 1", [boot, k]).fetchone()
+        if row is None or not row[0] <= k < row[0] + row[1]:
+            return None
+        i = k - row[0]
+        labels = json.loads(row[4])
+        score = float(np.frombuffer(row[5], dtype="<f4")[i])
+        return {"model_name": row[2], "model_version": row[3], "label": labels[i],
+                "score": score}
+
+    def has_feedback(self, prediction_id: str) -> bool:
+        with self._lock:
+            return bool(self.db.table("feedback").count_where("prediction_id = ?", [prediction_id]))
+
+    def count(self, table: str) -> int:
+        with self._lock:
+            return int(self.db[table].count)
+
+    def events(self, kinds: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            if kinds:
+                marks = ",".join("?" for _ in kinds)
+                rows = list(self.db.table("events").rows_where(f"kind IN ({marks})", list(kinds),
+                                                         order_by="id"))
+            else:
+                rows = list(self.db.table("events").rows_where(order_by="id"))
+        return [{**r, "detail": json.loads(r["detail"])} for r in rows]
+
+    def integrity_ok(self) -> bool:
+        with self._lock:
+            return bool(self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok")
+
