@@ -223,7 +223,7 @@ class Agent:
             raw_oor, raw_empty = loaded.validator.signal_checks(model_in)
         if n == 1:  # the common case, kept free of per-call numpy reductions where it can be
             if pred.probabilities is not None:
-                conf = float(pred.probabilities[0].max())
+                conf = max(pred.probabilities[0].tolist())
                 code = tel.label_codes.get(pred.labels[0], tel.other_label)
                 out: tuple[float, ...] = (float(code), conf)
             else:

@@ -1,17 +1,17 @@
 """ADWIN: adaptive windowing over the model's error stream (Bifet & Gavaldà, 2007).
 
-The agent feeds :class:`Adwin` one value per labelled feedback (0/1 for a wrong/right class,
-or an absolute error for a regressor). ADWIN keeps a window of recent values whose mean it
-believes is stationary; when some split of the window into an older part W0 and a newer part
-W1 has means further apart than a Hoeffding-style bound allows, it drops the oldest values
-(the window *shrinks*) and reports a change.
+The agent feeds :class:`Adwin` one value per labelled feedback (1 for a wrong class and 0 for
+a right one, or the absolute error of a regressor). ADWIN keeps a window of recent values
+whose mean it believes is stationary; when some split of the window into an older part W0 and
+a newer part W1 has means further apart than a Hoeffding-style bound allows, it drops the
+oldest values (the window *shrinks*) and reports a change.
 
 This is ADWIN2: the window is an exponential histogram of buckets. Row ``i`` holds buckets of
 ``2**i`` values each (row 0 the newest, of single values), at most ``max_buckets`` per row;
 when a row gets one more, its two oldest buckets merge into one bucket of the next row. Each
 bucket stores the total and the M2 (sum of squared deviations) of its values, so the window's
-width, total and M2 are maintained exactly as the values come and go (up to float rounding of
-the totals; for 0/1 or small-integer error streams the totals, and hence the mean, are exact).
+width, total and M2 are updated incrementally as values come and go: up to float rounding in
+general, and exactly for the total (hence the mean) of 0/1 or small-integer error streams.
 
 Every ``clock`` updates, once the window holds more than ``grace_period`` values, every bucket
 boundary is tried as a cut, oldest first: with ``n0, n1`` values in W0, W1,
@@ -20,7 +20,8 @@ boundary is tried as a cut, oldest first: with ``n0, n1`` values in W0, W1,
 ``v``, a cut is significant when ``|mean(W0) - mean(W1)| > sqrt(2 m v dd) + 2/3 m dd``. On a
 significant cut the oldest bucket is dropped and the scan starts again, until no cut is
 significant. These are the formula and defaults of MOA and river (delta 0.002, clock 32,
-5 buckets per row, min window 5, grace 10). Two deliberate differences from river 0.2x:
+5 buckets per row, min window 5, grace 10). Two deliberate differences from river's
+``adwin_c.pyx``:
 
 - every bucket boundary is a candidate cut, contiguous oldest-first as in MOA. river's loop
   (``range(bucket.current_idx - 1)``) skips the newest bucket of each row, so its W0 is not a
@@ -29,8 +30,10 @@ significant. These are the formula and defaults of MOA and river (delta 0.002, c
   the whole detector on the update after a detection.
 
 On river's documented stream (``random.Random(12345)``: 1,000 draws from {0, 1} then 1,000
-from {4..7}) both report the first change at index 1023. Cost: about 2-4 µs per update in
-plain Python (a cut scan every 32 updates visits ``O(max_buckets * log2(width))`` buckets).
+from {4..7}) both report the first change at index 1023. Cost: 2.2-3.7 µs per update in
+plain Python, measured on a 0/1 stream of 100,000 values on a shared 2-vCPU host (a cut scan
+every 32 updates visits ``O(max_buckets * log2(width))`` buckets); river's Cython takes
+~0.5-3.4 µs.
 """
 
 from __future__ import annotations

@@ -27,10 +27,13 @@ Agreement with the numpy reference (``Sketch.update_numeric`` / ``Sketch.update_
 gateway and an ARM device produce the same bits. ``nogil=True`` lets the serving thread run
 while a sketch thread folds a batch.
 
-Measured cost (2-vCPU x86-64 cloud VM, numba 0.68, after JIT, median of timeit repeats on a
-shared, noisy host): ``update_sketch`` on 256 rows x 16 features (12 numeric with 11 edges,
-4 categorical) takes about 19 µs per call, 0.07 µs per row (~5 ns per value), of which about
-2 µs is the Python wrapper; ``RowBuffer.append`` of a 16-float row about 0.35 µs.
+Measured cost (2-vCPU x86-64 cloud VM, numba 0.68, after JIT; best and median of timeit
+repeats on a shared host under load from other jobs): ``update_sketch`` on 256 rows x 16
+features (12 numeric with 11 edges, 2% NaN; 4 categorical) takes 50-67 µs per call, i.e.
+0.20-0.26 µs per row (12-16 ns per value), against 1.1-1.6 ms for the numpy reference; a call
+has a fixed cost of 3-5 µs (checks and numba dispatch), so batch. ``RowBuffer.append`` of a
+16-float float64 row takes 0.4-0.8 µs. The first call in a fresh process JIT-compiles for
+about 5 s, or loads numba's on-disk cache in about 1 s: call :func:`warmup` at start-up.
 """
 
 from __future__ import annotations
@@ -264,14 +267,18 @@ def update_sketch(sketch: Sketch, klayout: KernelLayout, values: npt.ArrayLike) 
     result equals ``Sketch.update_numeric`` / ``update_codes`` column by column (see the
     module docstring for what "equals" means for mean and M2). SketchError, with nothing
     counted, when ``klayout`` is not the sketch's layout, the shape is wrong or a code is
-    invalid.
+    invalid. The GIL is released inside the kernel, but one sketch must not be updated from
+    two threads at once.
     """
     if klayout.fingerprint != sketch.layout.fingerprint():
         raise SketchError(
             f"kernel layout {klayout.fingerprint} does not match the sketch's layout "
             f"{sketch.layout.fingerprint()}; build it with KernelLayout.from_layout(sketch.layout)"
         )
-    x = np.asarray(values, dtype=np.float64)
+    try:
+        x = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise SketchError(f"values are not float64 numbers ({err})") from err
     if x.ndim != 2 or x.shape[1] != klayout.n_features:
         raise SketchError(
             f"values have shape {x.shape}, expected (n_rows, {klayout.n_features}) for layout "
@@ -319,9 +326,9 @@ def warmup() -> None:
 class RowBuffer:
     """A preallocated float64 ``(capacity, n_features)`` batch that rows are copied into.
 
-    ``append`` is on the serving path: one row copy and a counter, about 0.35 µs for a
-    16-float float64 row (measured as in the module docstring; a Python list instead of an
-    array costs about 1 µs more for the conversion). A full buffer refuses more rows with
+    ``append`` is on the serving path: one row copy and a counter, 0.4-0.8 µs for a 16-float
+    float64 row (measured as in the module docstring; a Python list instead of an array costs
+    up to ~0.5 µs more for the conversion). A full buffer refuses more rows with
     AgentError; the caller drains it first. :meth:`drain` returns a *view* of the filled rows
     and resets the buffer, so consume the view (e.g. with :func:`update_sketch`) before the
     next append overwrites it. Not thread-safe: one thread owns a buffer.

@@ -222,7 +222,7 @@ def test_invalid_code_raises_and_counts_nothing(code: float) -> None:
 
 
 def test_layout_mismatch_and_bad_shape_raise() -> None:
-    """Another layout's kernel layout, or values of the wrong shape, raise SketchError."""
+    """Another layout's kernel layout, or values of the wrong shape or type, raise SketchError."""
     layout = _layout()
     other = SketchLayout((FeatureLayout("x", "numeric", edges=(0.0, 1.0)),))
     sketch = Sketch.empty(layout)
@@ -232,6 +232,8 @@ def test_layout_mismatch_and_bad_shape_raise() -> None:
     for bad in (np.zeros((2, 2)), np.zeros(3), np.zeros((1, 3, 1))):
         with pytest.raises(SketchError, match="expected"):
             update_sketch(sketch, kl, bad)
+    with pytest.raises(SketchError, match="not float64 numbers"):
+        update_sketch(sketch, kl, [["a", "b", "c"]])
     assert sketch == Sketch.empty(layout)
 
 
