@@ -12,6 +12,8 @@ beside it. Both hold a :class:`LoadedModel`, so a second model loads next to the
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import logging
 import math
@@ -119,8 +121,12 @@ class Agent:
         self.recorder = TelemetryRecorder(config.telemetry.window_seconds, clock=clock)
         self.slots: dict[str, LoadedModel | None] = dict.fromkeys(SLOTS)
         self.boot = secrets.token_hex(4)
-        self._next_id = 0
-        self._pending: list[tuple[str, int, int, float, str, str, Prediction]] = []
+        # Ids: "<boot>-<hex counter>". Single rows count up from 0 with an atomic counter;
+        # batches take blocks from 2**48 up, under a lock.
+        self._single_ids = itertools.count()
+        self._next_batch_id = 1 << 48
+        self._pending: collections.deque[tuple[str, int, int, float, str, str, Prediction]] = (
+            collections.deque())
         self._pending_lock = threading.Lock()
         self._feedback: list[tuple[str, float, str, str, int | None, float | None]] = []
         self._events: list[tuple[float, str, dict[str, Any]]] = []
@@ -221,19 +227,23 @@ class Agent:
         raw_oor = raw_empty = 0
         if loaded.validator.signal:
             raw_oor, raw_empty = loaded.validator.signal_checks(model_in)
-        if n == 1:  # the common case, kept free of per-call numpy reductions where it can be
+        now = self.clock()
+        if n == 1:  # the common case, kept free of per-call numpy reductions
             if pred.probabilities is not None:
-                conf = max(pred.probabilities[0].tolist())
-                code = tel.label_codes.get(pred.labels[0], tel.other_label)
-                out: tuple[float, ...] = (float(code), conf)
+                score = max(pred.probabilities[0].tolist())
+                out = float(tel.label_codes.get(pred.labels[0], tel.other_label))
             else:
                 assert pred.values is not None
-                conf = float(pred.values[0])
-                out = (conf,)
-            nonfinite = 0 if math.isfinite(conf) else 1
-            row = feats[0] if isinstance(feats, np.ndarray) else tel.feature_rows(feats)[0]
+                score = out = float(pred.values[0])
+            # a copy: the caller may reuse its input array for the next request
+            row = (feats[0].copy() if isinstance(feats, np.ndarray)
+                   else tel.feature_rows(feats)[0])
+            if raw_oor or raw_empty or not math.isfinite(score):
+                self.recorder.record_flags(tel, raw_oor, raw_empty,
+                                           0 if math.isfinite(score) else 1)
             latency_us = (time.perf_counter_ns() - t0) / 1000.0
-            self.recorder.record_one(tel, row, out, latency_us, raw_oor, raw_empty, nonfinite)
+            self.recorder.record_one(tel, now, row, out, score, latency_us)
+            first = next(self._single_ids)
         else:
             if pred.probabilities is not None:
                 scores = pred.probabilities.max(axis=1)
@@ -249,11 +259,11 @@ class Agent:
             latency_us = (time.perf_counter_ns() - t0) / 1000.0
             self.recorder.record(tel, feats, out_rows, latency_us, n, raw_out_of_range=raw_oor,
                                  raw_empty=raw_empty, nonfinite=nonfinite)
-        now = self.clock()
-        with self._pending_lock:
-            first = self._next_id
-            self._next_id += n
-            self._pending.append((self.boot, first, n, now, loaded.name, loaded.version, pred))
+            with self._pending_lock:  # a batch takes a block of ids from its own range
+                first = self._next_batch_id
+                self._next_batch_id += n
+        # deque.append is atomic; the writer pops from the other end
+        self._pending.append((self.boot, first, n, now, loaded.name, loaded.version, pred))
         if self.config.privacy.sample_inputs:
             self._sample(first, n, now, loaded, model_in)
         return PredictResult(loaded.name, loaded.version, first, self.boot, pred.labels,
@@ -322,8 +332,10 @@ class Agent:
     # --- the writer ------------------------------------------------------------------------
 
     def _take_pending(self) -> WriteBatch:
+        pending = []
+        while self._pending:
+            pending.append(self._pending.popleft())
         with self._pending_lock:
-            pending, self._pending = self._pending, []
             feedback, self._feedback = self._feedback, []
             events, self._events = self._events, []
             samples, self._samples = self._samples, []

@@ -24,7 +24,7 @@ __all__ = ["BundleModel", "Prediction", "RuntimeSpec", "TestVectorFailure"]
 Inputs = np.ndarray | Mapping[str, Sequence[Any] | np.ndarray]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Prediction:
     """Outputs for a batch: labels as strings; probabilities (classifier) or values."""
 

@@ -1,9 +1,11 @@
 """Per-window telemetry: drift sketches, input/output/software metrics, feedback.
 
-One :class:`ModelWindow` per (tumbling window, model version). Serving appends each request's
-model features and outputs to ring buffers (about a microsecond); a numba kernel folds a full
-buffer into the sketches. Nothing here touches the disk: :meth:`TelemetryRecorder.collect` hands
-the writer thread snapshots of open windows (checkpoints) and closed windows.
+One :class:`ModelWindow` per (tumbling window, model version). A single-row request only appends
+a reference to its feature row, its output and its latency to a list (a fraction of a
+microsecond); every 256 requests, or at a checkpoint, the batch is stacked and folded into the
+sketches by a numba kernel and into the latency histogram by one vectorised call. Nothing here
+touches the disk: :meth:`TelemetryRecorder.collect` hands the writer thread snapshots of open
+windows (checkpoints) and closed windows.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from edge_agent.concept_drift import Adwin
 from edge_agent.latency import LatencyHistogram
-from edge_agent.sketching import KernelLayout, RowBuffer, update_sketch
+from edge_agent.sketching import KernelLayout, update_sketch
 from edge_agent.store import WindowRow
 from fleet_protocol.manifest import BundleManifest, FeatureBaseline
 from fleet_protocol.sketch import FeatureLayout, Sketch, SketchLayout
@@ -68,6 +70,10 @@ class ModelTelemetry:
         ]
 
     @property
+    def key(self) -> tuple[str, str]:
+        return (self.name, self.version)
+
+    @property
     def classifier(self) -> bool:
         return self.manifest.task == "classification"
 
@@ -98,8 +104,8 @@ class ModelWindow:
     end: float
     inputs: Sketch
     outputs: Sketch
-    in_buf: RowBuffer
-    out_buf: RowBuffer
+    #: single-row requests not folded yet: (feature row, output code/value, score, latency us)
+    pending: list[tuple[np.ndarray, float, float, float]] = field(default_factory=list)
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     requests: int = 0
     rows: int = 0
@@ -118,19 +124,22 @@ class ModelWindow:
         return cls(
             model=model, slot=slot, start=start, end=end,
             inputs=Sketch.empty(model.input_layout), outputs=Sketch.empty(model.output_layout),
-            in_buf=RowBuffer(BUFFER_ROWS, model.input_layout.n_features),
-            out_buf=RowBuffer(BUFFER_ROWS, model.output_layout.n_features),
             confusion=np.zeros((n_labels, n_labels), dtype=np.int64) if n_labels else None,
         )
 
     def fold(self) -> None:
         """Fold the buffered rows into the sketches (numba)."""
-        rows = self.in_buf.drain()
-        if len(rows):
-            update_sketch(self.inputs, self.model.k_in, rows)
-        outs = self.out_buf.drain()
-        if len(outs):
-            update_sketch(self.outputs, self.model.k_out, outs)
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        rows = np.vstack([p[0] for p in pending]).astype(np.float64, copy=False)
+        update_sketch(self.inputs, self.model.k_in, rows)
+        if self.model.classifier:
+            outs = np.array([(p[1], p[2]) for p in pending], dtype=np.float64)
+        else:
+            outs = np.array([(p[1],) for p in pending], dtype=np.float64)
+        update_sketch(self.outputs, self.model.k_out, outs)
+        self.latency.record_many(np.array([p[3] for p in pending], dtype=np.float64))
 
     def metrics(self, rss_bytes: int | None) -> dict[str, Any]:
         per_feature: dict[str, dict[str, int]] = {}
@@ -261,35 +270,31 @@ class TelemetryRecorder:
             win.raw_empty += raw_empty
             win.nonfinite_outputs += nonfinite
             win.latency.record(latency_us)
-            if n_rows == 1:
-                if win.in_buf.append(rows[0]):
-                    win.fold()
-                if win.out_buf.append(out_rows[0]):
-                    win.fold()
-            else:
-                win.fold()
-                update_sketch(win.inputs, model.k_in, np.asarray(rows, dtype=np.float64))
-                update_sketch(win.outputs, model.k_out, out_rows)
+            update_sketch(win.inputs, model.k_in, np.asarray(rows, dtype=np.float64))
+            update_sketch(win.outputs, model.k_out, out_rows)
 
-    def record_one(self, model: ModelTelemetry, row: np.ndarray, out: tuple[float, ...],
-                   latency_us: float, raw_out_of_range: int, raw_empty: int,
-                   nonfinite: int) -> None:
-        """One single-row request: the serving fast path (two buffer appends, no kernels
-        unless a buffer fills)."""
-        now = self.clock()
+    def record_one(self, model: ModelTelemetry, now: float, row: np.ndarray, out: float,
+                   score: float, latency_us: float) -> None:
+        """One single-row request, the serving fast path: one list append under the lock; the
+        numba fold runs every BUFFER_ROWS requests."""
         with self._lock:
-            win = self._open.get((model.name, model.version))
+            win = self._open.get(model.key)
             if win is None or now >= win.end:
-                win = self._window((model.name, model.version), now)
+                win = self._window(model.key, now)
             win.requests += 1
             win.rows += 1
-            if raw_out_of_range or raw_empty or nonfinite:
-                win.raw_out_of_range += raw_out_of_range
-                win.raw_empty += raw_empty
-                win.nonfinite_outputs += nonfinite
-            win.latency.record(latency_us)
-            if win.in_buf.append(row) | win.out_buf.append(out):
+            win.pending.append((row, out, score, latency_us))
+            if len(win.pending) >= BUFFER_ROWS:
                 win.fold()
+
+    def record_flags(self, model: ModelTelemetry, raw_out_of_range: int, raw_empty: int,
+                     nonfinite: int) -> None:
+        """Rare per-request counts (signal rows out of range, empty rows, NaN outputs)."""
+        with self._lock:
+            win = self._window(model.key, self.clock())
+            win.raw_out_of_range += raw_out_of_range
+            win.raw_empty += raw_empty
+            win.nonfinite_outputs += nonfinite
 
     def record_error(self, model: ModelTelemetry) -> None:
         with self._lock:
