@@ -30,7 +30,7 @@ import numpy as np
 from edge_agent.atomic import atomic_write_bytes
 from edge_agent.bundle import VerifiedBundle, load_public_key, read_bundle
 from edge_agent.config import AgentConfig
-from edge_agent.errors import BundleError, FeedbackError, NotReadyError
+from edge_agent.errors import BundleError, FeedbackError, InputError, NotReadyError
 from edge_agent.model import BundleModel, Prediction
 from edge_agent.store import AgentStore, SlotRecord, WriteBatch
 from edge_agent.telemetry import ModelTelemetry, TelemetryRecorder
@@ -215,7 +215,11 @@ class Agent:
         loaded = self.slots["blue"]
         if loaded is None or not self._accepting:
             loaded = self.serving()  # raises NotReadyError with the reason
-        model_in = loaded.validator.validate(inputs)
+        try:
+            model_in = loaded.validator.validate(inputs)
+        except InputError:
+            self.recorder.record_rejected(loaded.telemetry)
+            raise
         try:
             feats = loaded.model.features(model_in)
             pred = loaded.model.run_features(feats)

@@ -109,6 +109,8 @@ class ModelWindow:
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     requests: int = 0
     rows: int = 0
+    #: requests refused by input validation (they never reach the model)
+    rejected: int = 0
     errors: int = 0
     nonfinite_outputs: int = 0
     raw_out_of_range: int = 0
@@ -148,7 +150,8 @@ class ModelWindow:
             oor = int(counts[0] + counts[-1]) if f.kind == "numeric" else int(counts[-1])
             per_feature[f.name] = {"missing": int(self.inputs.missing[j]), "out_of_range": oor}
         out: dict[str, Any] = {
-            "requests": self.requests, "rows": self.rows, "errors": self.errors,
+            "requests": self.requests, "rows": self.rows, "rejected": self.rejected,
+            "errors": self.errors,
             "nonfinite_outputs": self.nonfinite_outputs,
             "latency_us": self.latency.to_dict(),
             "latency_p50_us": self.latency.quantile(0.5) if self.latency.count else None,
@@ -189,6 +192,7 @@ class ModelWindow:
         self.requests += int(m.get("requests", 0))
         self.rows += int(m.get("rows", 0))
         self.errors += int(m.get("errors", 0))
+        self.rejected += int(m.get("rejected", 0))
         self.nonfinite_outputs += int(m.get("nonfinite_outputs", 0))
         self.latency.merge(LatencyHistogram.from_dict(m["latency_us"]))
         raw = m.get("raw", {})
@@ -295,6 +299,11 @@ class TelemetryRecorder:
             win.raw_out_of_range += raw_out_of_range
             win.raw_empty += raw_empty
             win.nonfinite_outputs += nonfinite
+
+    def record_rejected(self, model: ModelTelemetry) -> None:
+        """A request refused for not matching the input schema (a 4xx)."""
+        with self._lock:
+            self._window(model.key, self.clock()).rejected += 1
 
     def record_error(self, model: ModelTelemetry) -> None:
         with self._lock:

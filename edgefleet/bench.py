@@ -157,3 +157,12 @@ def compiler_command(rows: int, features: int, only: tuple[str, ...], runs: int)
                "bundle us = edgefleet device path (preprocess + run + decode)")
     click.echo(_HEADER)
     compiler_bench(rows, features, only, runs, click.echo)
+
+
+@bench.command("agent")
+@click.option("--quick", is_flag=True, help="Fewer iterations and 2 s wrk runs (smoke run).")
+def agent_command(quick: bool) -> None:
+    """Agent vs raw onnxruntime, plain FastAPI and numpy; cold start and RSS (issue 3)."""
+    from edgefleet.bench_agent import agent_bench
+
+    agent_bench(quick, click.echo)

@@ -83,6 +83,9 @@ def test_bad_input_names_the_feature(agent: Agent, bad: Any, expected: str) -> N
     """A request that does not fit the schema is refused naming the feature and expectation."""
     with pytest.raises(InputError, match=expected):
         agent.predict(bad)
+    agent.flush()
+    (w,) = agent.store.windows(closed=False)
+    assert w.metrics["rejected"] == 1 and w.metrics["requests"] == 0
 
 
 def test_missing_and_out_of_range_are_served_and_counted(agent: Agent, clock: Clock) -> None:
