@@ -7,10 +7,15 @@ windows of n rows from the binned training distribution *and* R baselines of the
 differs from a finite training sample by both), compute PSI and JS distance between each pair,
 and keep the (1 - alpha/2) quantile. Using alpha/2 rather than alpha leaves margin for the
 quantile's own resampling noise, so a window of any size from the training distribution alarms
-at most `alpha` of the time. Thresholds never go below a floor (PSI 0.01, JS 0.01): an effect
-that small does not matter operationally, and without it a feature that is constant in training
-(threshold 0) would alarm on a single odd row. Drawing bin counts from a multinomial over the
-training bin frequencies is exactly bootstrap resampling of the binned training rows.
+at most `alpha` of the time. Drawing bin counts from a multinomial over the training bin
+frequencies is bootstrap resampling of the binned training rows; each slot gets half a pseudo-count
+first (a Jeffreys prior), so a slot the training sample never hit — typically the overflow bin of
+a nearly constant feature — is rare in the resamples rather than impossible.
+
+Thresholds never go below a floor, PSI 0.05 and JS distance 0.1 (about the same effect: for small
+shifts JS distance ≈ sqrt(PSI / 5.5)). By convention PSI under 0.1 is "stable"; an effect below
+the floor does not matter operationally, and without it a feature that is nearly constant in
+training would alarm on a handful of odd rows however large the window.
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ class BaselineOptions:
     resamples: int = 400
     false_alarm_rate: float = 0.01
     seed: int = 0
-    min_psi: float = 0.01
-    min_js: float = 0.01
+    min_psi: float = 0.05
+    min_js: float = 0.1
+    #: pseudo-count added to every slot before resampling (Jeffreys prior)
+    prior: float = 0.5
 
 
 def numeric_layout(name: str, values: np.ndarray, n_bins: int) -> FeatureLayout:
@@ -80,7 +87,8 @@ def calibrate(counts: Sequence[int] | np.ndarray, options: BaselineOptions,
     """Per-window-size PSI and JS thresholds for one feature's baseline counts."""
     c = np.asarray(counts, dtype=np.int64)
     n_train = int(c.sum())
-    p = c / n_train
+    smoothed = c + options.prior
+    p = smoothed / smoothed.sum()
     q = 1.0 - options.false_alarm_rate / 2.0
     psis: list[float] = []
     jss: list[float] = []

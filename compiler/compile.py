@@ -422,22 +422,23 @@ def compile_bundle(model: Any, train: Dataset, holdout: Dataset, *, name: str, v
     cols = _columns_of(train_feats, schema)
     base_opts = BaselineOptions(opts.n_bins, opts.resamples, opts.false_alarm_rate, opts.seed)
     features = feature_baselines(_layouts(cols, schema, opts.n_bins), cols, base_opts, rng)
-    train_pred = device.run_features(train_feats)
-    if train_pred.probabilities is not None:
+    # The output baseline comes from the holdout: on its own training rows a model is more
+    # confident than it will ever be on a device, and that optimism would read as drift.
+    hold_raw = _raw_inputs(holdout, schema)
+    hold_pred = device.predict(hold_raw)
+    if hold_pred.probabilities is not None:
         out_layouts = [FeatureLayout("label", "categorical", categories=labels),
                        FeatureLayout("confidence", "numeric", edges=CONFIDENCE_EDGES)]
-        out_cols = [train_pred.labels, np.max(train_pred.probabilities, axis=1)]
+        out_cols = [hold_pred.labels, np.max(hold_pred.probabilities, axis=1)]
     else:
-        assert train_pred.values is not None
-        out_layouts = [numeric_layout("value", train_pred.values, opts.n_bins)]
-        out_cols = [train_pred.values]
+        assert hold_pred.values is not None
+        out_layouts = [numeric_layout("value", hold_pred.values, opts.n_bins)]
+        out_cols = [hold_pred.values]
     outputs = feature_baselines(out_layouts, out_cols, base_opts, rng)
     timings["baseline_s"] = time.perf_counter() - t
 
     # Parity gate and metrics on the holdout.
     t = time.perf_counter()
-    hold_raw = _raw_inputs(holdout, schema)
-    hold_pred = device.predict(hold_raw)
     reference = _reference(model, _sklearn_input(model, holdout, schema), split.is_classifier)
     parity: ParityReport = parity_report(reference, hold_pred, opts.tolerance)
     if not parity.passed:

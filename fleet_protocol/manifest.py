@@ -142,7 +142,8 @@ class FeatureBaseline(_Strict):
 
 
 class BaselineSpec(_Strict):
-    """Reference sketches of the model features and outputs, frozen at compile time."""
+    """Reference sketches of the model features (training data) and outputs (holdout),
+    frozen at compile time."""
 
     rows: int = Field(ge=1)
     min_evidence: int = Field(ge=1)
