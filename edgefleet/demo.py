@@ -10,6 +10,7 @@ into the fleet demo (many agents, broker, hub, fleet drift).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,16 @@ import click
 __all__ = ["demo", "run_demo"]
 
 
-def run_demo(workdir: Path, echo: bool = True) -> Path:
-    """Train, compile, verify and inspect the demo bundle; return its path."""
+@dataclass(frozen=True)
+class DemoResult:
+    bundle: Path
+    #: site -> names of the drifted features and outputs
+    drifted: dict[str, list[str]]
+    features: int
+
+
+def run_demo(workdir: Path, echo: bool = True) -> DemoResult:
+    """Train, compile, verify and inspect the demo bundle, then serve it on two agents."""
     import numpy as np
     from sklearn.datasets import load_digits
     from sklearn.linear_model import LogisticRegression
@@ -76,14 +85,17 @@ def run_demo(workdir: Path, echo: bool = True) -> Path:
     if failures:
         raise click.ClickException(f"test vector #{failures[0].index}: {failures[0].reason}")
     say("")
+    drifted: dict[str, list[str]] = {}
     for site, images in (("site-a (as trained)", X_field),
                          ("site-b (brighter lighting)", brighter(X_field))):
-        report = _serve_site(workdir, site.split()[0], result.path, keys_dir, images)
+        name = site.split()[0]
+        report, drifted[name] = _serve_site(workdir, name, result.path, keys_dir, images)
         say(f"== {site}: {len(images)} digits served by a local agent")
         say(report)
         say("")
     say(f"demo finished in {time.perf_counter() - t0:.1f}s")
-    return result.path
+    n = len(result.manifest.baseline.features) + len(result.manifest.baseline.outputs)
+    return DemoResult(result.path, drifted, n)
 
 
 def brighter(images: Any) -> Any:
@@ -93,12 +105,13 @@ def brighter(images: Any) -> Any:
     return np.minimum(images * 1.6 + 2.0, 16.0).astype(np.float32)
 
 
-def _serve_site(workdir: Path, site: str, bundle: Path, keys_dir: Path, images: Any) -> str:
+def _serve_site(workdir: Path, site: str, bundle: Path, keys_dir: Path,
+                images: Any) -> tuple[str, list[str]]:
     import shutil
 
     from edge_agent.agent import Agent
     from edge_agent.config import AgentConfig
-    from edge_agent.drift_report import drift_table
+    from edge_agent.drift_report import drift_report, drift_table
 
     data_dir = workdir / "agents" / site
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -109,12 +122,14 @@ def _serve_site(workdir: Path, site: str, bundle: Path, keys_dir: Path, images: 
             agent.predict(image)
         agent.flush()
         manifest = agent.serving().bundle.manifest
-        table = drift_table(manifest, agent.store.windows())
+        windows = agent.store.windows()
+        table = drift_table(manifest, windows)
+        drifted_names = drift_report(manifest, windows).drifted
     lines = table.splitlines()
     drifted = [ln for ln in lines[2:-1] if ln.rstrip().endswith("DRIFT")]
     shown = lines[:2] + drifted[:8] + ([f"... {len(drifted) - 8} more drifted rows"]
                                        if len(drifted) > 8 else []) + lines[-1:]
-    return "\n".join(shown)
+    return "\n".join(shown), drifted_names
 
 
 @click.command("demo")
