@@ -34,6 +34,8 @@ __all__ = [
     "TestVector",
     "canonical_json",
     "parse_manifest",
+    "parse_semver",
+    "semver_key",
 ]
 
 MANIFEST_SCHEMA_VERSION = 1
@@ -55,12 +57,28 @@ class _Strict(BaseModel):
 
 
 def parse_semver(version: str) -> tuple[int, int, int, tuple[str, ...]]:
-    """Split a semantic version into a sortable key (pre-releases sort before the release)."""
+    """Split a semantic version into (major, minor, patch, pre-release identifiers).
+
+    This tuple does not sort by precedence; use :func:`semver_key` to compare versions.
+    """
     m = _SEMVER.match(version)
     if m is None:
         raise ManifestError(f"version {version!r} is not a semantic version (expected e.g. 1.2.0)")
     pre = tuple(m.group(4).split(".")) if m.group(4) else ()
     return int(m.group(1)), int(m.group(2)), int(m.group(3)), pre
+
+
+SemverKey = tuple[int, int, int, int, tuple[tuple[int, int, str], ...]]
+
+
+def semver_key(version: str) -> SemverKey:
+    """A key that sorts by SemVer 2.0.0 precedence (§11): 1.0.0-rc.2 < 1.0.0-rc.10 < 1.0.0.
+
+    Numeric identifiers compare as numbers and before alphanumeric ones; build data is ignored.
+    """
+    major, minor, patch, pre = parse_semver(version)
+    ids = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre)
+    return major, minor, patch, 0 if pre else 1, ids
 
 
 class FeatureSpec(_Strict):
@@ -250,8 +268,8 @@ class BundleManifest(_Strict):
     def bundle_filename(self) -> str:
         return f"{self.name}-{self.version}.edgebundle"
 
-    def version_key(self) -> tuple[int, int, int, tuple[str, ...]]:
-        return parse_semver(self.version)
+    def version_key(self) -> SemverKey:
+        return semver_key(self.version)
 
 
 def canonical_json(manifest: BundleManifest) -> bytes:

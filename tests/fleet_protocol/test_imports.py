@@ -19,3 +19,4 @@ def test_importing_fleet_protocol_loads_no_heavy_stack() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == ""
+
