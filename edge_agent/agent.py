@@ -13,10 +13,12 @@ beside it. Both hold a :class:`LoadedModel`, so a second model loads next to the
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import json
 import logging
 import math
+import queue
 import secrets
 import threading
 import time
@@ -33,6 +35,9 @@ from edge_agent.config import AgentConfig
 from edge_agent.errors import BundleError, FeedbackError, InputError, NotReadyError
 from edge_agent.model import BundleModel, Prediction
 from edge_agent.store import AgentStore, SlotRecord, WriteBatch
+from edge_agent.swap import RESTING
+from edge_agent.swap_events import Commit, HealthStats, Promote, Stage, SwapPhase
+from edge_agent.swap_runner import SwapRunner, stats_of
 from edge_agent.telemetry import ModelTelemetry, TelemetryRecorder
 from edge_agent.validation import InputValidator
 
@@ -135,9 +140,19 @@ class Agent:
         self._stop = threading.Event()
         self._accepting = True
         self.refusals: list[str] = []
-        self._load_slots()
-        if config.bundle is not None:
+        #: the slot that answers: green only while promoted (the swap runner sets it)
+        self.active = "blue"
+        self._shadow = False
+        self._shadow_queue: queue.Queue[tuple[Any, PredictResult] | None] = queue.Queue(
+            maxsize=config.swap.shadow_queue)
+        self._shadow_thread: threading.Thread | None = None
+        self._load_blue()
+        if config.bundle is not None and self.slots["blue"] is None:
             self._offer(config.bundle)
+        self.swap = SwapRunner(self, config.swap.policy(), clock=clock)
+        self.swap.start()  # counted and persisted before green is loaded again
+        if config.bundle is not None and self.slots["blue"] is not None:
+            self._offer_as_swap(config.bundle)
         blue = self.slots["blue"]
         if blue is not None:
             for row in self.store.windows(closed=False):
@@ -160,9 +175,11 @@ class Agent:
             event=("slot_installed", {"slot": slot, "name": m.name, "version": m.version,
                                       "reason": reason}))
 
-    def _load_slots(self) -> None:
+    def _load_blue(self) -> None:
+        """Load the installed blue; green is the swap runner's to load (after it counted the
+        start, so a green that crashes the process is caught by the start counter)."""
         for slot, rec in self.store.slots().items():
-            if slot not in SLOTS:
+            if slot != "blue":
                 continue
             try:
                 loaded = load_model(Path(rec.path), self.trusted, self.config)
@@ -196,25 +213,108 @@ class Agent:
         self._install("blue", loaded, reason="configured bundle")
         log.info("serving %s %s from %s", loaded.name, loaded.version, dest)
 
-    def serving(self) -> LoadedModel:
+    def _offer_as_swap(self, path: Path) -> None:
+        """A configured bundle that differs from blue replaces it through the swap machine:
+        stage (verify, load, test vectors), promote, commit — refused or failed, blue stays."""
         blue = self.slots["blue"]
-        if blue is None or not self._accepting:
+        assert blue is not None
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            self.refusals.append(f"bundle {path}: {err.strerror}")
+            return
+        key = hashlib.sha256(data).hexdigest()[:16]
+        if self.swap.state.phase not in RESTING:
+            return  # a rollout is under way; it decides what serves
+        result = self.swap.handle(Stage(id=f"config-stage-{key}", source=str(path)))
+        if self.swap.state.phase is SwapPhase.STAGED:
+            self.swap.handle(Promote(id=f"config-promote-{key}"))
+            result = self.swap.handle(Commit(id=f"config-commit-{key}"))
+        if self.swap.state.phase is SwapPhase.FAILED or result.outcome == "refused":
+            reason = self.swap.state.last_reason if result.outcome != "refused" else result.reason
+            self.refusals.append(f"bundle {path}: {reason}")
+            log.error("configured bundle %s refused: %s; keeping %s %s", path, reason,
+                      blue.name, blue.version)
+
+    def serving(self) -> LoadedModel:
+        loaded = self.slots[self.active]
+        if loaded is None or not self._accepting:
             why = "; ".join(self.refusals[-1:]) or "no bundle installed"
             raise NotReadyError(f"no verified model is serving ({why})")
-        return blue
+        return loaded
 
     @property
     def ready(self) -> bool:
-        return self._accepting and self.slots["blue"] is not None
+        return self._accepting and self.slots[self.active] is not None
+
+    # --- the swap runner's hands --------------------------------------------------------------
+
+    def load_green(self, path: Path) -> None:
+        """Verify, load and replay test vectors into the green slot (BundleError on failure)."""
+        current = self.slots["green"]
+        if current is not None and current.path == path:
+            return
+        loaded = load_model(path, self.trusted, self.config)
+        self._install("green", loaded, reason="staged")
+
+    def unload_green(self) -> None:
+        if self.active == "green":
+            self.active = "blue"
+        self.slots["green"] = None
+        self.store.delete_slot("green")
+
+    def set_active(self, slot: str) -> None:
+        """Promotion and rollback: one reference assignment; requests in flight finish on the
+        model they started with."""
+        assert slot in SLOTS and self.slots[slot] is not None
+        self.active = slot
+
+    def set_shadow(self, on: bool) -> None:
+        self._shadow = on and self.slots["green"] is not None
+        if self._shadow and self._shadow_thread is None:
+            self._shadow_thread = threading.Thread(target=self._shadow_loop,
+                                                   name="edgefleet-shadow", daemon=True)
+            self._shadow_thread.start()
+
+    def commit_green(self) -> None:
+        """Green becomes blue (idempotent: a restart may repeat it)."""
+        green = self.slots["green"]
+        if green is None:
+            return
+        self._install("blue", green, reason="committed")
+        self.active = "blue"
+        self.slots["green"] = None
+        self.store.delete_slot("green")
+
+    def health_stats(self, since: float) -> tuple[HealthStats | None, HealthStats | None]:
+        """Green's evidence since ``since`` and blue's from before it (committed windows)."""
+        green, blue = self.slots["green"], self.slots["blue"]
+        if green is None or blue is None:
+            return None, None
+        start = math.floor(since / self.config.telemetry.window_seconds) * (
+            self.config.telemetry.window_seconds)
+        g = [w.metrics for w in self.store.windows(model_version=green.version, since=start)
+             if w.model_name == green.name]
+        b = [w.metrics for w in self.store.windows(model_version=blue.version)
+             if w.model_name == blue.name and w.start < since][-12:]
+        return stats_of(g), stats_of(b)
 
     # --- serving ---------------------------------------------------------------------------
 
-    def predict(self, inputs: Any) -> PredictResult:
-        """Serve one request: a row (mapping or 1-D array) or a batch (2-D array, columns)."""
+    def predict(self, inputs: Any, *, key: str | None = None) -> PredictResult:
+        """Serve one request: a row (mapping or 1-D array) or a batch (2-D array, columns).
+
+        ``key`` makes the canary split sticky (the same key always goes to the same slot).
+        """
         t0 = time.perf_counter_ns()
-        loaded = self.slots["blue"]
+        loaded = self.slots[self.active]
         if loaded is None or not self._accepting:
             loaded = self.serving()  # raises NotReadyError with the reason
+        if self._shadow:
+            canary = self.config.swap.canary_fraction
+            green = self.slots["green"]
+            if canary > 0 and green is not None and _canary_pick(key, canary, self._rng):
+                loaded = green
         try:
             model_in = loaded.validator.validate(inputs)
         except InputError:
@@ -249,20 +349,8 @@ class Agent:
             self.recorder.record_one(tel, now, row, out, score, latency_us)
             first = next(self._single_ids)
         else:
-            if pred.probabilities is not None:
-                scores = pred.probabilities.max(axis=1)
-                codes = np.fromiter(
-                    (tel.label_codes.get(lbl, tel.other_label) for lbl in pred.labels),
-                    dtype=np.float64, count=n)
-                out_rows = np.column_stack([codes, scores])
-            else:
-                assert pred.values is not None
-                out_rows = pred.values.astype(np.float64).reshape(-1, 1)
-                scores = pred.values
-            nonfinite = int(n - np.isfinite(scores).sum())
             latency_us = (time.perf_counter_ns() - t0) / 1000.0
-            self.recorder.record(tel, feats, out_rows, latency_us, n, raw_out_of_range=raw_oor,
-                                 raw_empty=raw_empty, nonfinite=nonfinite)
+            self._record_batch(loaded, feats, pred, latency_us, raw_oor, raw_empty)
             with self._pending_lock:  # a batch takes a block of ids from its own range
                 first = self._next_batch_id
                 self._next_batch_id += n
@@ -270,8 +358,70 @@ class Agent:
         self._pending.append((self.boot, first, n, now, loaded.name, loaded.version, pred))
         if self.config.privacy.sample_inputs:
             self._sample(first, n, now, loaded, model_in)
-        return PredictResult(loaded.name, loaded.version, first, self.boot, pred.labels,
-                             pred.probabilities, pred.values)
+        result = PredictResult(loaded.name, loaded.version, first, self.boot, pred.labels,
+                               pred.probabilities, pred.values)
+        if self._shadow and loaded is self.slots["blue"]:
+            try:  # off the request path: a full queue drops the shadow run, never waits
+                self._shadow_queue.put_nowait((_frozen_copy(inputs), result))
+            except queue.Full:
+                self.recorder.record_shadow_drop(loaded.telemetry)
+        return result
+
+    def _record_batch(self, loaded: LoadedModel, feats: Any, pred: Prediction,
+                      latency_us: float, raw_oor: int, raw_empty: int) -> None:
+        tel = loaded.telemetry
+        n = len(pred.labels)
+        if pred.probabilities is not None:
+            scores = pred.probabilities.max(axis=1)
+            codes = np.fromiter(
+                (tel.label_codes.get(lbl, tel.other_label) for lbl in pred.labels),
+                dtype=np.float64, count=n)
+            out_rows = np.column_stack([codes, scores])
+        else:
+            assert pred.values is not None
+            out_rows = pred.values.astype(np.float64).reshape(-1, 1)
+            scores = pred.values
+        nonfinite = int(n - np.isfinite(scores).sum())
+        self.recorder.record(tel, feats, out_rows, latency_us, n, raw_out_of_range=raw_oor,
+                             raw_empty=raw_empty, nonfinite=nonfinite)
+
+    def _shadow_loop(self) -> None:
+        """Run green on what blue served; record agreement and green's own telemetry."""
+        while True:
+            item = self._shadow_queue.get()
+            try:
+                if item is None:
+                    return
+                self._shadow_one(*item)
+            finally:
+                self._shadow_queue.task_done()
+
+    def wait_shadow_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued shadow run is done (tests, benchmarks); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._shadow_queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def _shadow_one(self, inputs: Any, blue_result: PredictResult) -> None:
+        green = self.slots["green"]
+        if green is None or not self._shadow:
+            return
+        try:
+            t0 = time.perf_counter_ns()
+            model_in = green.validator.validate(inputs)
+            feats = green.model.features(model_in)
+            pred = green.model.run_features(feats)
+            latency_us = (time.perf_counter_ns() - t0) / 1000.0
+        except Exception as err:  # a failing green is evidence, not a crash
+            log.debug("shadow run failed: %s", err)
+            self.recorder.record_error(green.telemetry)
+            return
+        self._record_batch(green, feats, pred, latency_us, 0, 0)
+        self.recorder.record_agreement(green.telemetry, blue_result.labels,
+                                       blue_result.values, pred.labels, pred.values)
 
     def _sample(self, first: int, n: int, now: float, loaded: LoadedModel,
                 model_in: Any) -> None:
@@ -372,6 +522,7 @@ class Agent:
         while not self._stop.wait(interval):
             try:
                 self.flush()
+                self.swap.check_health()
             except Exception:  # keep serving; the next flush retries what it can
                 log.exception("writer flush failed")
 
@@ -379,6 +530,9 @@ class Agent:
         """Stop accepting, flush everything, close the database (SIGTERM path)."""
         self._accepting = False
         self._stop.set()
+        if self._shadow_thread is not None:
+            self._shadow_queue.put(None)
+            self._shadow_thread.join(timeout=30)
         if self._writer is not None:
             self._writer.join(timeout=30)
         self.flush()
@@ -399,7 +553,25 @@ class Agent:
                 "name": loaded.name, "version": loaded.version, "sha256": loaded.sha256,
                 "path": str(loaded.path)}
         return {"device_id": self.config.device_id, "ready": self.ready, "slots": slots,
+                "active": self.active, "swap": self.swap.state.to_dict(),
                 "refusals": self.refusals[-5:]}
+
+
+def _canary_pick(key: str | None, fraction: float, rng: np.random.Generator) -> bool:
+    """Whether this request goes to green: sticky by key (a stable hash), else random."""
+    if key is None:
+        return bool(rng.random() < fraction)
+    bucket = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+    return bucket / 2**64 < fraction
+
+
+def _frozen_copy(inputs: Any) -> Any:
+    """A copy the caller cannot change under the shadow thread (callers reuse buffers)."""
+    if isinstance(inputs, np.ndarray):
+        return inputs.copy()
+    if isinstance(inputs, dict):
+        return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in inputs.items()}
+    return inputs
 
 
 def _closed(row: Any) -> Any:

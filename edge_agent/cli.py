@@ -170,3 +170,96 @@ def batch_command(input_file: Path, output_file: Path, config_path: Path | None,
     finally:
         instance.close()
     click.echo(f"scored {rows} rows -> {output_file}", err=True)
+
+
+def _send_swap(config: AgentConfig, body: dict[str, Any]) -> None:
+    """POST a swap command to the running agent's local API; print its answer."""
+    import json
+    import urllib.error
+    import urllib.request
+    import uuid
+
+    body.setdefault("id", f"cli-{uuid.uuid4().hex[:12]}")
+    host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::", "") else config.http.host
+    url = f"http://{host}:{config.http.port}/v1/swap"
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            answer = json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        answer = json.loads(err.read() or b"{}")
+        if "error" in answer:
+            raise click.ClickException(answer["error"]) from None
+    except urllib.error.URLError as err:
+        raise click.ClickException(
+            f"cannot reach the agent at {url} ({err.reason}); is `edgefleet agent run` up?"
+        ) from None
+    state = answer["state"]
+    click.echo(f"{body['command']} {body['id']}: {answer['outcome']} — {answer['reason']}")
+    click.echo(f"phase {answer['phase']}, blue {state['blue_version']}, "
+               f"green {state['green_version'] or '-'}")
+    if answer["outcome"] == "refused":
+        raise SystemExit(1)
+
+
+ID_OPTION = click.option("--id", "command_id", default=None,
+                         help="Command id (repeating an id does nothing new). Default: random.")
+
+
+@agent.command("stage")
+@click.argument("source")
+@CONFIG_OPTION
+@ID_OPTION
+@click.option("--version", "version", default=None, help="Expected version (checked).")
+@click.option("--force", is_flag=True, help="Allow a downgrade / reset the rollback-loop guard.")
+def stage_command(source: str, config_path: Path | None, command_id: str | None,
+                  version: str | None, force: bool) -> None:
+    """Download, verify and load SOURCE (bundle file or URL) into the green slot."""
+    body: dict[str, Any] = {"command": "stage", "source": source, "force": force}
+    if version:
+        body["version"] = version
+    if command_id:
+        body["id"] = command_id
+    _send_swap(_config(config_path), body)
+
+
+def _simple(name: str, help_text: str) -> None:
+    @agent.command(name, help=help_text)
+    @CONFIG_OPTION
+    @ID_OPTION
+    def command(config_path: Path | None, command_id: str | None) -> None:
+        body: dict[str, Any] = {"command": name}
+        if command_id:
+            body["id"] = command_id
+        _send_swap(_config(config_path), body)
+
+
+_simple("shadow", "Run green beside blue on live traffic (blue still answers).")
+_simple("promote", "Let green answer; blue stays loaded until commit.")
+_simple("commit", "Make green the new blue and unload the old one.")
+_simple("rollback", "Go back to blue and drop green.")
+
+
+@agent.command("swap-status")
+@CONFIG_OPTION
+def swap_status_command(config_path: Path | None) -> None:
+    """The blue-green state machine's phase, slots and last decision (offline)."""
+    config = _config(config_path)
+    store = _store(config)
+    try:
+        raw = store.load_swap_state()
+        slots = store.slots()
+    finally:
+        store.close()
+    if raw is None:
+        click.echo("no swap state yet (the agent has not started)")
+        return
+    click.echo(f"phase       {raw['phase']} (cycle {raw['cycle']})")
+    for slot in ("blue", "green"):
+        rec = slots.get(slot)
+        click.echo(f"{slot:<11} " + (f"{rec.name} {rec.version}" if rec else "-"))
+    click.echo(f"committed   {raw['committed_version']}")
+    click.echo(f"last        {raw['last_reason']}"
+               + (f" {raw['last_numbers']}" if raw.get("last_numbers") else ""))
+    click.echo(f"rollbacks   {raw['rollback_count']} in all")

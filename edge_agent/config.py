@@ -71,6 +71,33 @@ class PrivacyConfig(_Section):
     sample_rate: float = Field(default=0.01, ge=0.0, le=1.0)
 
 
+class SwapConfig(_Section):
+    """Local health gates after a promotion, and the shadow / canary split."""
+
+    max_error_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    max_nonfinite: int = Field(default=0, ge=0)
+    #: green's p99 latency may be at most this many times blue's
+    max_p99_ratio: float = Field(default=2.0, ge=1.0)
+    min_requests_for_gates: int = Field(default=50, ge=1)
+    #: starts after a promotion, without a commit, before the agent boots blue again
+    max_starts_before_rollback: int = Field(default=3, ge=1)
+    max_rollbacks: int = Field(default=3, ge=1)
+    rollback_window_seconds: float = Field(default=3600.0, gt=0)
+    #: during shadow, the fraction of requests green answers (sticky by request key)
+    canary_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    #: shadow runs waiting for green; past this they are dropped and counted
+    shadow_queue: int = Field(default=1000, ge=1)
+
+    def policy(self) -> Any:
+        from edge_agent.swap_events import SwapPolicy
+
+        return SwapPolicy(
+            max_error_rate=self.max_error_rate, max_nonfinite=self.max_nonfinite,
+            max_p99_ratio=self.max_p99_ratio, min_requests_for_gates=self.min_requests_for_gates,
+            max_starts_before_rollback=self.max_starts_before_rollback,
+            max_rollbacks=self.max_rollbacks, rollback_window_seconds=self.rollback_window_seconds)
+
+
 class AgentConfig(_Section):
     device_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
     data_dir: Path
@@ -81,6 +108,7 @@ class AgentConfig(_Section):
     http: HttpConfig = HttpConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    swap: SwapConfig = SwapConfig()
 
     @field_validator("device_id")
     @classmethod

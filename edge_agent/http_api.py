@@ -11,6 +11,10 @@ Endpoints (every error body is ``{"error": "<what failed, the value, what was ex
     POST /v1/predict                             {"inputs": {feature: value} | [rows] | [samples]}
     POST /feedback                               {"prediction_id": ..., "label": ...}
     GET  /v1/status                              Agent.status()
+    GET  /v1/swap                                the blue-green swap state
+    POST /v1/swap                                {"command": "stage", "id": ..., "source": ...}
+                                                 (or shadow, promote, commit, rollback; 409 when
+                                                 the swap machine refuses)
 
 No web framework: routing is a dict lookup and a split, bodies are read with their size checked
 against ``http.max_body_bytes`` before anything is parsed (413), JSON is orjson, and inference
@@ -21,6 +25,7 @@ they are rare and short, and the agent serialises its own writes.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
@@ -44,6 +49,7 @@ from edge_agent.errors import (
     NotReadyError,
 )
 from edge_agent.oip import ModelSignature, decode_infer_request, encode_infer_response
+from edge_agent.swap_commands import parse_command
 
 __all__ = ["ASGIApp", "RunningServer", "create_app", "serve_forever", "serve_in_thread"]
 
@@ -68,6 +74,7 @@ _FIXED = {  # path -> (what, method)
     "/v2/health/live": ("live", "GET"), "/v2/health/ready": ("health", "GET"),
     "/v2": ("server", "GET"), "/v1/predict": ("predict", "POST"),
     "/feedback": ("feedback", "POST"), "/v1/status": ("status", "GET"),
+    "/v1/swap": ("swap", "GET|POST"),
 }
 _MODEL_PREFIX = "/v2/models/"
 
@@ -160,6 +167,8 @@ class _App:
         else:
             return _error(404, f"no such endpoint: {path!r:.200}; see /v2 (Open Inference "
                           "Protocol), /v1/predict, /feedback, /v1/status")
+        if allowed == "GET|POST":
+            allowed = scope["method"] if scope["method"] in ("GET", "POST") else "GET, POST"
         if scope["method"] != allowed:
             return _error(405, f"{scope['method']} is not allowed on {path}; use {allowed}",
                           (b"allow", allowed.encode()))
@@ -172,7 +181,14 @@ class _App:
             assert name is not None
             return self._infer(name, version, read.data, read.header_length)
         doc = _json_object(read.data)
+        if what == "swap":
+            # staging downloads and loads a model: off the event loop, serving goes on
+            return await asyncio.to_thread(self._swap, doc)
         return self._predict(doc) if what == "predict" else self._feedback(doc)
+
+    def _swap(self, doc: dict[str, Any]) -> Response:
+        result = self.agent.swap.handle(parse_command(doc))
+        return _json(409 if result.outcome == "refused" else 200, result.to_dict())
 
     # --- bodies ----------------------------------------------------------------------------
 
@@ -251,6 +267,9 @@ class _App:
                                "extensions": ["binary_tensor_data"]})
         if what == "status":
             return _json(200, agent.status())
+        if what == "swap":
+            return _json(200, {"phase": agent.swap.state.phase.value, "active": agent.active,
+                               "state": agent.swap.state.to_dict()})
         assert name is not None
         loaded = self._model(name, version)
         if isinstance(loaded, tuple):

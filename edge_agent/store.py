@@ -56,6 +56,12 @@ def m001_initial(db: Database) -> None:
     db.table("events").create({"id": int, "ts": float, "kind": str, "detail": str}, pk="id")
 
 
+@migrations()
+def m002_swap_state(db: Database) -> None:
+    # One row: the swap machine's state (edge_agent.swap.SwapState.to_dict, versioned inside).
+    db.table("swap_state").create({"id": int, "state": str, "updated_at": float}, pk="id")
+
+
 @dataclass(frozen=True)
 class SlotRecord:
     slot: str
@@ -165,6 +171,29 @@ class AgentStore:
             self.db.table("slots").upsert(record.__dict__, pk="slot")
             if event is not None:
                 self._event(time.time(), event[0], event[1])
+
+    def delete_slot(self, slot: str) -> None:
+        with self._lock, self.db.atomic():
+            self.db.execute("DELETE FROM slots WHERE slot = ?", [slot])
+
+    # --- swap state --------------------------------------------------------------------------
+
+    def load_swap_state(self) -> dict[str, Any] | None:
+        with self._lock:
+            row = self.db.execute("SELECT state FROM swap_state WHERE id = 1").fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def save_swap_state(self, state: dict[str, Any],
+                        events: Sequence[tuple[str, dict[str, Any]]]) -> None:
+        """Commit the swap state (and the events it records) before its actions run."""
+        now = time.time()
+        with self._lock, self.db.atomic():
+            self.db.execute(
+                "INSERT INTO swap_state (id, state, updated_at) VALUES (1, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET state = excluded.state, "
+                "updated_at = excluded.updated_at", [json.dumps(state, sort_keys=True), now])
+            for kind, detail in events:
+                self._event(now, kind, detail)
 
     # --- writes ----------------------------------------------------------------------------
 

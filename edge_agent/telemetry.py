@@ -119,6 +119,12 @@ class ModelWindow:
     confusion: np.ndarray | None = None
     residual: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # n, sum|e|, sum e^2
     concept_drift: int = 0
+    #: shadow runs of this (green) model compared with what blue answered
+    shadow_compared: int = 0
+    shadow_agreed: int = 0
+    shadow_abs_diff: float = 0.0
+    #: shadow runs dropped because the shadow queue was full (counted on blue's window)
+    shadow_dropped: int = 0
 
     @classmethod
     def new(cls, model: ModelTelemetry, slot: str, start: float, end: float) -> ModelWindow:
@@ -161,6 +167,12 @@ class ModelWindow:
             "raw": {"out_of_range_rows": self.raw_out_of_range, "empty_rows": self.raw_empty},
             "feedback": {"count": self.feedback, "concept_drift_detections": self.concept_drift},
             "rss_bytes": rss_bytes,
+            "shadow": {"compared": self.shadow_compared, "agreed": self.shadow_agreed,
+                       "agreement": (self.shadow_agreed / self.shadow_compared
+                                     if self.shadow_compared else None),
+                       "mean_abs_diff": (self.shadow_abs_diff / self.shadow_compared
+                                         if self.shadow_compared else None),
+                       "dropped": self.shadow_dropped},
         }
         if self.confusion is not None:
             out["feedback"]["confusion"] = self.confusion.tolist()
@@ -198,6 +210,12 @@ class ModelWindow:
         raw = m.get("raw", {})
         self.raw_out_of_range += int(raw.get("out_of_range_rows", 0))
         self.raw_empty += int(raw.get("empty_rows", 0))
+        sh = m.get("shadow", {})
+        self.shadow_compared += int(sh.get("compared", 0))
+        self.shadow_agreed += int(sh.get("agreed", 0))
+        self.shadow_dropped += int(sh.get("dropped", 0))
+        if sh.get("mean_abs_diff") is not None:
+            self.shadow_abs_diff += float(sh["mean_abs_diff"]) * int(sh.get("compared", 0))
         fb = m.get("feedback", {})
         self.feedback += int(fb.get("count", 0))
         self.concept_drift += int(fb.get("concept_drift_detections", 0))
@@ -299,6 +317,29 @@ class TelemetryRecorder:
             win.raw_out_of_range += raw_out_of_range
             win.raw_empty += raw_empty
             win.nonfinite_outputs += nonfinite
+
+    def record_shadow_drop(self, model: ModelTelemetry) -> None:
+        with self._lock:
+            self._window(model.key, self.clock()).shadow_dropped += 1
+
+    def record_agreement(self, green: ModelTelemetry, blue_labels: np.ndarray,
+                         blue_values: np.ndarray | None, green_labels: np.ndarray,
+                         green_values: np.ndarray | None) -> None:
+        """Shadow evidence on green's window: label agreement, or |value difference|."""
+        n = min(len(blue_labels), len(green_labels))
+        if blue_values is not None and green_values is not None:
+            diff = np.abs(np.asarray(blue_values[:n], dtype=np.float64)
+                          - np.asarray(green_values[:n], dtype=np.float64))
+            agreed = int(np.sum(diff <= 1e-6 * np.maximum(1.0, np.abs(blue_values[:n]))))
+            abs_diff = float(np.nansum(diff))
+        else:
+            agreed = int(np.sum(blue_labels[:n] == green_labels[:n]))
+            abs_diff = 0.0
+        with self._lock:
+            win = self._window(green.key, self.clock())
+            win.shadow_compared += n
+            win.shadow_agreed += agreed
+            win.shadow_abs_diff += abs_diff
 
     def record_rejected(self, model: ModelTelemetry) -> None:
         """A request refused for not matching the input schema (a 4xx)."""

@@ -198,7 +198,8 @@ def test_refused_bundle_keeps_previous_model(tmp_path: Path, keypair: Any, small
     with Agent(_config(tmp_path, keypair, bad), start_writer=False) as a:
         assert a.ready and a.serving().version == "1.2.0"
         assert "truncated" in a.refusals[0]
-        assert a.store.events(["bundle_refused"])
+        (failed,) = a.store.events(["stage_failed"])
+        assert "truncated" in failed["detail"]["reason"]
 
 
 def test_no_bundle_is_not_ready(tmp_path: Path, keypair: Any) -> None:
