@@ -22,7 +22,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,9 +96,10 @@ class PredictResult:
         return f"{self.boot}-{self.first_id:x}"
 
 
-def load_model(path: Path, trusted: list[Any], config: AgentConfig) -> LoadedModel:
+def load_model(path: Path, trusted: list[Any], config: AgentConfig,
+               checked: MutableMapping[str, Any] | None = None) -> LoadedModel:
     """Verify, load into onnxruntime and replay test vectors; BundleError on any failure."""
-    bundle = read_bundle(path, trusted)
+    bundle = read_bundle(path, trusted, checked=checked)
     model = BundleModel.from_bundle(bundle, intra_op_threads=config.runtime.intra_op_threads,
                                     inter_op_threads=config.runtime.inter_op_threads)
     failures = model.replay_test_vectors(bundle.manifest.test_vectors)
@@ -124,14 +125,15 @@ class Agent:
         self.store = AgentStore(config.db_path, keep_predictions=config.telemetry.keep_predictions,
                                 keep_windows=config.telemetry.keep_windows)
         self.recorder = TelemetryRecorder(config.telemetry.window_seconds, clock=clock)
+        #: ONNX allow-list results by model sha256, persisted (the walk is slow on big trees)
+        self.onnx_checked = self.store.onnx_checks()
         self.slots: dict[str, LoadedModel | None] = dict.fromkeys(SLOTS)
         self.boot = secrets.token_hex(4)
         # Ids: "<boot>-<hex counter>". Single rows count up from 0 with an atomic counter;
         # batches take blocks from 2**48 up, under a lock.
         self._single_ids = itertools.count()
         self._next_batch_id = 1 << 48
-        self._pending: collections.deque[tuple[str, int, int, float, str, str, Prediction]] = (
-            collections.deque())
+        self._pending: collections.deque[_Pending] = collections.deque()
         self._pending_lock = threading.Lock()
         self._feedback: list[tuple[str, float, str, str, int | None, float | None]] = []
         self._events: list[tuple[float, str, dict[str, Any]]] = []
@@ -182,7 +184,7 @@ class Agent:
             if slot != "blue":
                 continue
             try:
-                loaded = load_model(Path(rec.path), self.trusted, self.config)
+                loaded = load_model(Path(rec.path), self.trusted, self.config, self.onnx_checked)
             except BundleError as err:
                 self.refusals.append(str(err))
                 log.error("installed %s bundle %s refused: %s", slot, rec.path, err)
@@ -195,7 +197,7 @@ class Agent:
         """Install the configured bundle as blue if it differs from what blue serves."""
         blue = self.slots["blue"]
         try:
-            loaded = load_model(path, self.trusted, self.config)
+            loaded = load_model(path, self.trusted, self.config, self.onnx_checked)
         except BundleError as err:
             self.refusals.append(str(err))
             self.store.record_event("bundle_refused", {"path": str(path), "reason": str(err)})
@@ -254,7 +256,7 @@ class Agent:
         current = self.slots["green"]
         if current is not None and current.path == path:
             return
-        loaded = load_model(path, self.trusted, self.config)
+        loaded = load_model(path, self.trusted, self.config, self.onnx_checked)
         self._install("green", loaded, reason="staged")
 
     def unload_green(self) -> None:
@@ -335,7 +337,8 @@ class Agent:
         if n == 1:  # the common case, kept free of per-call numpy reductions
             if pred.probabilities is not None:
                 score = max(pred.probabilities[0].tolist())
-                out = float(tel.label_codes.get(pred.labels[0], tel.other_label))
+                assert pred.codes is not None
+                out = float(pred.codes[0])
             else:
                 assert pred.values is not None
                 score = out = float(pred.values[0])
@@ -348,14 +351,17 @@ class Agent:
             latency_us = (time.perf_counter_ns() - t0) / 1000.0
             self.recorder.record_one(tel, now, row, out, score, latency_us)
             first = next(self._single_ids)
+            # deque.append is atomic; the writer pops from the other end
+            self._pending.append((self.boot, first, 1, now, loaded.name, loaded.version,
+                                  pred.labels[0], score))
         else:
             latency_us = (time.perf_counter_ns() - t0) / 1000.0
             self._record_batch(loaded, feats, pred, latency_us, raw_oor, raw_empty)
             with self._pending_lock:  # a batch takes a block of ids from its own range
                 first = self._next_batch_id
                 self._next_batch_id += n
-        # deque.append is atomic; the writer pops from the other end
-        self._pending.append((self.boot, first, n, now, loaded.name, loaded.version, pred))
+            self._pending.append((self.boot, first, n, now, loaded.name, loaded.version,
+                                  pred.labels, _scores(pred)))
         if self.config.privacy.sample_inputs:
             self._sample(first, n, now, loaded, model_in)
         result = PredictResult(loaded.name, loaded.version, first, self.boot, pred.labels,
@@ -373,10 +379,8 @@ class Agent:
         n = len(pred.labels)
         if pred.probabilities is not None:
             scores = pred.probabilities.max(axis=1)
-            codes = np.fromiter(
-                (tel.label_codes.get(lbl, tel.other_label) for lbl in pred.labels),
-                dtype=np.float64, count=n)
-            out_rows = np.column_stack([codes, scores])
+            assert pred.codes is not None
+            out_rows = np.column_stack([pred.codes.astype(np.float64), scores])
         else:
             assert pred.values is not None
             out_rows = pred.values.astype(np.float64).reshape(-1, 1)
@@ -493,14 +497,8 @@ class Agent:
             feedback, self._feedback = self._feedback, []
             events, self._events = self._events, []
             samples, self._samples = self._samples, []
-        preds = []
-        for boot, first, n, ts, name, version, pred in pending:
-            scores = (pred.probabilities.max(axis=1) if pred.probabilities is not None
-                      else pred.values)
-            assert scores is not None
-            preds.append((boot, first, n, ts, name, version, json.dumps(pred.labels.tolist()),
-                          np.asarray(scores, dtype="<f4").tobytes()))
-        return WriteBatch(predictions=preds, feedback=feedback, samples=samples, events=events)
+        return WriteBatch(predictions=_prediction_rows(pending), feedback=feedback,
+                          samples=samples, events=events)
 
     def _flush_pending_predictions_only(self) -> None:
         batch = self._take_pending()
@@ -555,6 +553,49 @@ class Agent:
         return {"device_id": self.config.device_id, "ready": self.ready, "slots": slots,
                 "active": self.active, "swap": self.swap.state.to_dict(),
                 "refusals": self.refusals[-5:]}
+
+
+#: a served request awaiting the writer: (boot, first id, rows, time, model, version, labels,
+#: scores) — a single row carries a label string and a float, a batch two arrays
+_Pending = tuple[str, int, int, float, str, str, Any, Any]
+
+
+def _scores(pred: Prediction) -> np.ndarray:
+    if pred.probabilities is not None:
+        return np.asarray(pred.probabilities.max(axis=1))
+    assert pred.values is not None
+    return pred.values
+
+
+def _prediction_rows(pending: list[_Pending]) -> list[tuple[str, int, int, float, str, str, str,
+                                                              bytes]]:
+    """One predictions row per run of consecutive single-row requests (ids first..first+n-1 of
+    one model), and one per batch: the writer's work stays small however busy serving is."""
+    rows: list[tuple[str, int, int, float, str, str, str, bytes]] = []
+    run: list[Any] | None = None
+
+    def close() -> None:
+        if run is not None:
+            rows.append((run[0], run[1], run[2], run[3], run[4], run[5], json.dumps(run[6]),
+                         np.asarray(run[7], dtype="<f4").tobytes()))
+
+    for boot, first, n, ts, name, version, labels, scores in pending:
+        if n == 1 and isinstance(labels, str):
+            if (run is not None and run[0] == boot and run[1] + run[2] == first
+                    and run[4] == name and run[5] == version):
+                run[2] += 1
+                run[6].append(labels)
+                run[7].append(scores)
+                continue
+            close()
+            run = [boot, first, 1, ts, name, version, [labels], [scores]]
+            continue
+        close()
+        run = None
+        rows.append((boot, first, n, ts, name, version, json.dumps(labels.tolist()),
+                     np.asarray(scores, dtype="<f4").tobytes()))
+    close()
+    return rows
 
 
 def _canary_pick(key: str | None, fraction: float, rng: np.random.Generator) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,8 +110,14 @@ def _read_members(path: Path) -> dict[str, bytes]:
         raise BundleError(f"bundle {path} cannot be read: {err}") from err
 
 
-def read_bundle(path: str | Path, trusted_keys: Iterable[Ed25519PublicKey]) -> VerifiedBundle:
-    """Open a bundle and verify it completely against the trusted public keys."""
+def read_bundle(path: str | Path, trusted_keys: Iterable[Ed25519PublicKey], *,
+                checked: MutableMapping[str, OnnxSummary] | None = None) -> VerifiedBundle:
+    """Open a bundle and verify it completely against the trusted public keys.
+
+    ``checked`` caches ONNX allow-list results by model sha256: the walk over a large tree
+    ensemble's protobuf takes most of a second in Python, and a model whose bytes hash the same
+    was already checked. The signature and the hash are verified every time.
+    """
     p = Path(path)
     keys = {key_id(k): k for k in trusted_keys}
     if not keys:
@@ -149,7 +155,11 @@ def read_bundle(path: str | Path, trusted_keys: Iterable[Ed25519PublicKey]) -> V
             f"bundle {p}: model.onnx sha256 {digest[:16]}... does not match the manifest's "
             f"{manifest.model.sha256[:16]}...; the model was tampered with"
         )
-    summary = check_onnx(model)
+    summary = checked.get(digest) if checked is not None else None
+    if summary is None:
+        summary = check_onnx(model)
+        if checked is not None:
+            checked[digest] = summary
     return VerifiedBundle(p, manifest, manifest_bytes, model, summary, signer)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -488,6 +489,16 @@ def serve_in_thread(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
     return RunningServer(url, bound, server, thread)
 
 
+def _tune_gc() -> None:
+    """A long-running server: move everything loaded so far (models, modules) out of the
+    collector's sight, and collect the young generation less often. Each request allocates a
+    few short-lived containers; with the defaults a full collection walking every loaded object
+    lands on some request and doubles the p99 (measured with the agent benchmark)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 50)
+
+
 def serve_forever(agent: Agent, host: str, port: int, *,
                   install_signal_handlers: bool = True) -> None:
     """Serve until SIGTERM or SIGINT; return once uvicorn has shut down (the agent stays open).
@@ -497,6 +508,7 @@ def serve_forever(agent: Agent, host: str, port: int, *,
     sock = _bind(host, port)
     url, _ = _url(sock)
     server = _server(agent, install_signal_handlers=install_signal_handlers)
+    _tune_gc()
     log.info("local API listening on %s", url)
     try:
         server.run(sockets=[sock])

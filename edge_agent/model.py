@@ -31,6 +31,8 @@ class Prediction:
     labels: np.ndarray  # dtype object (str), shape (n,)
     probabilities: np.ndarray | None  # float32 (n, n_classes)
     values: np.ndarray | None  # float32 (n,) for regressors
+    #: classifiers: index of each label in the manifest's labels (len(labels) if unknown)
+    codes: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,13 @@ class TestVectorFailure:
 
     index: int
     reason: str
+
+
+def _is_int(text: str) -> bool:
+    try:
+        return str(int(text)) == text
+    except ValueError:
+        return False
 
 
 def _label_text(value: Any) -> str:
@@ -95,7 +104,15 @@ class BundleModel:
         # µs on a 20 µs single-row inference); our inputs are built from the model's own
         # names, so call the binding directly when this onnxruntime exposes it.
         self._run = getattr(self.session, "_sess", self.session).run
-        self._label_cache: dict[Any, str] = {}
+        self._label_cache: dict[Any, tuple[str, int]] = {}
+        self._label_text = np.array([*spec.labels, "?"], dtype=object)
+        # Integer classes (the common case) decode without a Python loop: the label output's
+        # values are the classes themselves, found by a binary search.
+        self._int_classes: tuple[np.ndarray, np.ndarray] | None = None
+        if spec.labels and all(_is_int(lbl) for lbl in spec.labels):
+            raw = np.array([int(lbl) for lbl in spec.labels], dtype=np.int64)
+            order = np.argsort(raw)
+            self._int_classes = (raw[order], order)
         self._ops = [dict(op) for op in spec.preprocessing]
         self._model_dtypes = {f.name: f.dtype for f in spec.model_features}
         self._classifier = spec.task == "classification"
@@ -152,17 +169,31 @@ class BundleModel:
         feeds = {self._inputs[0]: feats} if isinstance(feats, np.ndarray) else dict(feats)
         outs = self._run(self._outputs, feeds, None)
         if self._classifier:
-            cache = self._label_cache
-            raw = outs[0].ravel().tolist()
-            labels = np.empty(len(raw), dtype=object)
-            for i, v in enumerate(raw):
-                text = cache.get(v)
-                if text is None:
-                    text = cache[v] = _label_text(v)
-                labels[i] = text
-            return Prediction(labels, outs[1], None)
+            labels, codes = self._decode_labels(outs[0].ravel())
+            return Prediction(labels, outs[1], None, codes)
         values = np.asarray(outs[0], dtype=np.float32).reshape(-1)
         return Prediction(values.astype(str).astype(object), None, values)
+
+    def _decode_labels(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """ONNX label output -> (label strings, codes into the manifest's labels)."""
+        unknown = len(self._label_text) - 1
+        if self._int_classes is not None and raw.dtype.kind in "iu":
+            values, order = self._int_classes
+            pos = np.minimum(np.searchsorted(values, raw), len(values) - 1)
+            codes = np.where(values[pos] == raw, order[pos], unknown)
+            return self._label_text[codes], codes
+        n = len(raw)
+        labels = np.empty(n, dtype=object)
+        codes = np.empty(n, dtype=np.int64)
+        cache = self._label_cache
+        index = {lbl: i for i, lbl in enumerate(self._label_text[:-1])}
+        for i, v in enumerate(raw.tolist()):
+            hit = cache.get(v)
+            if hit is None:
+                text = _label_text(v)
+                hit = cache[v] = (text, index.get(text, unknown))
+            labels[i], codes[i] = hit
+        return labels, codes
 
     def predict(self, raw: Inputs) -> Prediction:
         return self.run_features(self.features(raw))

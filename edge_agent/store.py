@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from edge_agent.errors import StoreError
+from edge_agent.onnx_guard import OnnxSummary
 
 __all__ = ["AgentStore", "SlotRecord", "WindowRow", "WriteBatch"]
 
@@ -60,6 +61,13 @@ def m001_initial(db: Database) -> None:
 def m002_swap_state(db: Database) -> None:
     # One row: the swap machine's state (edge_agent.swap.SwapState.to_dict, versioned inside).
     db.table("swap_state").create({"id": int, "state": str, "updated_at": float}, pk="id")
+
+
+@migrations()
+def m003_onnx_checks(db: Database) -> None:
+    # ONNX allow-list results by model sha256 (edge_agent.onnx_guard), so a restart does not
+    # walk a large model's protobuf again.
+    db.table("onnx_checks").create({"sha256": str, "summary": str}, pk="sha256")
 
 
 @dataclass(frozen=True)
@@ -175,6 +183,9 @@ class AgentStore:
     def delete_slot(self, slot: str) -> None:
         with self._lock, self.db.atomic():
             self.db.execute("DELETE FROM slots WHERE slot = ?", [slot])
+
+    def onnx_checks(self) -> OnnxCheckCache:
+        return OnnxCheckCache(self)
 
     # --- swap state --------------------------------------------------------------------------
 
@@ -316,3 +327,39 @@ class AgentStore:
         with self._lock:
             return bool(self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok")
 
+
+
+class OnnxCheckCache(MutableMapping[str, OnnxSummary]):
+    """ONNX check results by model sha256, read once and written through to SQLite."""
+
+    def __init__(self, store: AgentStore) -> None:
+        self._store = store
+        with store._lock:
+            rows = store.db.execute("SELECT sha256, summary FROM onnx_checks").fetchall()
+        self._data = {sha: _summary(json.loads(text)) for sha, text in rows}
+
+    def __getitem__(self, key: str) -> OnnxSummary:
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: OnnxSummary) -> None:
+        self._data[key] = value
+        doc = {"opsets": value.opsets, "node_domains": sorted(value.node_domains),
+               "n_nodes": value.n_nodes}
+        with self._store._lock, self._store.db.atomic():
+            self._store.db.execute(
+                "INSERT OR REPLACE INTO onnx_checks (sha256, summary) VALUES (?, ?)",
+                [key, json.dumps(doc, sort_keys=True)])
+
+    def __delitem__(self, key: str) -> None:
+        del self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def _summary(doc: dict[str, Any]) -> OnnxSummary:
+    return OnnxSummary(opsets={str(k): int(v) for k, v in doc["opsets"].items()},
+                       node_domains=frozenset(doc["node_domains"]), n_nodes=int(doc["n_nodes"]))

@@ -203,7 +203,7 @@ class SwapRunner:
         try:
             download(action.source, part)
             # verified before anything is installed: signature, hashes, ONNX allow-list
-            verified = read_bundle(part, self.agent.trusted)
+            verified = read_bundle(part, self.agent.trusted, checked=self.agent.onnx_checked)
         except BundleError as err:
             part.unlink(missing_ok=True)
             return StageFailed(reason=str(err), cycle=action.cycle)
