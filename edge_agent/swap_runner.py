@@ -13,6 +13,7 @@ other phase.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import shutil
 import threading
@@ -92,10 +93,19 @@ def download(source: str, dest: Path, *, timeout: float = 30.0) -> Path:
     req = urllib.request.Request(source, headers={"Range": f"bytes={have}-"} if have else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            resumed = have and resp.status == 206
+            resumed = bool(have) and resp.status == 206
+            expected = resp.headers.get("Content-Length")
+            got = 0
             with dest.open("ab" if resumed else "wb") as fh:
                 while chunk := resp.read(CHUNK):
                     fh.write(chunk)
+                    got += len(chunk)
+                fh.flush()
+            # urllib returns a short body without complaint when the peer closes early
+            if expected is not None and got < int(expected):
+                raise BundleError(
+                    f"download of {source} failed: connection closed after {got} of "
+                    f"{expected} bytes; it resumes on retry")
     except urllib.error.HTTPError as err:
         if err.code == 416 and have:  # already complete
             return dest
@@ -114,6 +124,7 @@ class SwapRunner:
         self.policy = policy
         self.clock = clock
         self._lock = threading.RLock()
+        self.download_attempts = 3
         self.downloads = agent.config.data_dir / "downloads"
         self.downloads.mkdir(parents=True, exist_ok=True)
         raw = agent.store.load_swap_state()
@@ -199,13 +210,26 @@ class SwapRunner:
         return None
 
     def _download_and_verify(self, action: DownloadAndVerify) -> Event:
-        part = self.downloads / f"cycle-{action.cycle}.part"
+        # named by source, so any retry of the same source (a restart, a new stage) resumes
+        key = hashlib.sha256(action.source.encode()).hexdigest()[:16]
+        part = self.downloads / f"{key}.part"
+        last: BundleError | None = None
+        for attempt in range(self.download_attempts):
+            try:
+                download(action.source, part)
+                break
+            except BundleError as err:  # the partial file stays for the next attempt
+                last = err
+                log.warning("download attempt %d of %s failed: %s", attempt + 1,
+                            action.source, err)
+        else:
+            assert last is not None
+            return StageFailed(reason=str(last), cycle=action.cycle)
         try:
-            download(action.source, part)
             # verified before anything is installed: signature, hashes, ONNX allow-list
             verified = read_bundle(part, self.agent.trusted, checked=self.agent.onnx_checked)
         except BundleError as err:
-            part.unlink(missing_ok=True)
+            part.unlink(missing_ok=True)  # complete but bad: never resume into it
             return StageFailed(reason=str(err), cycle=action.cycle)
         m = verified.manifest
         dest = (self.agent.config.bundles_dir
