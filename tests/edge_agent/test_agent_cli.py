@@ -185,3 +185,39 @@ def test_warmup_fills_the_cache(tmp_path: Path, keypair: Any, small_bundle: Any)
     assert proc.returncode == 0, proc.stderr
     cache = tmp_path / "data" / "numba-cache"
     assert any(cache.rglob("*.nbi")), "no numba index files written"
+
+
+def test_swap_commands_against_a_running_agent(tmp_path: Path, keypair: Any,
+                                               small_bundle: Any, compile_fast: Any) -> None:
+    """`agent stage|promote|commit|swap-status` drive the running daemon; a repeated id and a
+    refused command say so."""
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = make_classification_data(n=600, d=6, seed=11)
+    v2 = compile_fast(LogisticRegression(C=0.3).fit(X[:400], y[:400]), X, y, name="small",
+                      version="1.5.0")
+    port = _free_port()
+    cfg = _write_config(tmp_path, keypair, small_bundle.path, port=port)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "edgefleet", "agent", "run", "-c", str(cfg)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/v2/health/ready", 60)
+        staged = _cli("stage", str(v2.path), "-c", str(cfg), "--id", "st-1", cwd=tmp_path)
+        assert staged.returncode == 0, staged.stderr
+        assert "st-1: applied" in staged.stdout and "phase staged" in staged.stdout
+        again = _cli("stage", str(v2.path), "-c", str(cfg), "--id", "st-1", cwd=tmp_path)
+        assert "st-1: duplicate" in again.stdout
+        early = _cli("commit", "-c", str(cfg), cwd=tmp_path)
+        assert early.returncode == 1 and "refused" in early.stdout
+        assert _cli("promote", "-c", str(cfg), cwd=tmp_path).returncode == 0
+        out = _post(f"http://127.0.0.1:{port}/v1/predict",
+                    {"inputs": {f"f{i}": float(X[450, i]) for i in range(6)}})
+        assert out["model"]["version"] == "1.5.0"
+        assert _cli("commit", "-c", str(cfg), cwd=tmp_path).returncode == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    status = _cli("swap-status", "-c", str(cfg), cwd=tmp_path)
+    assert "phase       committed" in status.stdout
+    assert "blue        small 1.5.0" in status.stdout
