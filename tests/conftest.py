@@ -46,6 +46,17 @@ def make_regression_data(n: int = 600, d: int = 6, seed: int = 0) -> tuple[np.nd
     return X.astype(np.float32), y
 
 
+def signal_windows(n: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Vibration-like windows: class 1 carries a high-frequency tone."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(length)
+    y = rng.integers(0, 2, n)
+    freq = np.where(y == 1, 0.35, 0.05)[:, None]
+    amp = rng.uniform(0.2, 3.0, (n, 1))
+    X = amp * np.sin(2 * np.pi * freq * t + rng.uniform(0, 6.28, (n, 1)))
+    return X + rng.normal(0, 0.05, X.shape), y
+
+
 FAST = {"resamples": 100, "latency_runs": 20}
 
 

@@ -19,18 +19,13 @@ from edge_agent.bundle import load_public_key, read_bundle
 from edge_agent.model import BundleModel
 from edge_agent.preprocess import run_spec
 from fleet_protocol.manifest import canonical_json, parse_manifest
+from tests.conftest import signal_windows
 
 
 def _signals(n: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Vibration-like windows: class 1 carries a high-frequency tone, with silence padding."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(length)
-    y = rng.integers(0, 2, n)
-    freq = np.where(y == 1, 0.35, 0.05)[:, None]
-    amp = rng.uniform(0.2, 3.0, (n, 1))
-    X = amp * np.sin(2 * np.pi * freq * t + rng.uniform(0, 6.28, (n, 1)))
-    X += rng.normal(0, 0.05, X.shape)
-    X[:, :8] = 0.0  # leading silence the trimmer removes
+    """Vibration-like windows with leading silence for the trimmer to remove."""
+    X, y = signal_windows(n, length, seed)
+    X[:, :8] = 0.0
     return X, y
 
 
