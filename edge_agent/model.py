@@ -177,7 +177,7 @@ class BundleModel:
     def _decode_labels(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ONNX label output -> (label strings, codes into the manifest's labels)."""
         unknown = len(self._label_text) - 1
-        if self._int_classes is not None and raw.dtype.kind in "iu":
+        if self._int_classes is not None and raw.dtype.kind in "iu" and len(raw) > 16:
             values, order = self._int_classes
             pos = np.minimum(np.searchsorted(values, raw), len(values) - 1)
             codes = np.where(values[pos] == raw, order[pos], unknown)
@@ -186,11 +186,11 @@ class BundleModel:
         labels = np.empty(n, dtype=object)
         codes = np.empty(n, dtype=np.int64)
         cache = self._label_cache
-        index = {lbl: i for i, lbl in enumerate(self._label_text[:-1])}
         for i, v in enumerate(raw.tolist()):
             hit = cache.get(v)
             if hit is None:
                 text = _label_text(v)
+                index = {lbl: k for k, lbl in enumerate(self._label_text[:-1])}
                 hit = cache[v] = (text, index.get(text, unknown))
             labels[i], codes[i] = hit
         return labels, codes
