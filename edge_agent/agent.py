@@ -30,13 +30,24 @@ from typing import Any
 import numpy as np
 
 from edge_agent.atomic import atomic_write_bytes
-from edge_agent.bundle import VerifiedBundle, load_public_key, read_bundle
+from edge_agent.bundle import (
+    VerifiedBundle,
+    load_public_key,
+    read_bundle,
+    read_unverified_manifest,
+)
 from edge_agent.config import AgentConfig
-from edge_agent.errors import BundleError, FeedbackError, InputError, NotReadyError
+from edge_agent.errors import (
+    AgentError,
+    BundleError,
+    FeedbackError,
+    InputError,
+    NotReadyError,
+)
 from edge_agent.model import BundleModel, Prediction
 from edge_agent.store import AgentStore, SlotRecord, WriteBatch
 from edge_agent.swap import RESTING
-from edge_agent.swap_events import Commit, HealthStats, Promote, Stage, SwapPhase
+from edge_agent.swap_events import Commit, HealthStats, Promote, Stage, SwapPhase, is_older
 from edge_agent.swap_runner import SwapRunner, stats_of
 from edge_agent.telemetry import ModelTelemetry, TelemetryRecorder
 from edge_agent.validation import InputValidator
@@ -102,7 +113,13 @@ def load_model(path: Path, trusted: list[Any], config: AgentConfig,
     bundle = read_bundle(path, trusted, checked=checked)
     model = BundleModel.from_bundle(bundle, intra_op_threads=config.runtime.intra_op_threads,
                                     inter_op_threads=config.runtime.inter_op_threads)
-    failures = model.replay_test_vectors(bundle.manifest.test_vectors)
+    try:
+        failures = model.replay_test_vectors(bundle.manifest.test_vectors)
+    except AgentError:
+        raise
+    except Exception as err:  # onnxruntime's own types: the model and its manifest disagree
+        raise BundleError(f"bundle {path}: onnxruntime cannot run its test vectors: {err}"
+                          ) from err
     if failures:
         raise BundleError(
             f"bundle {path}: {len(failures)} of {len(bundle.manifest.test_vectors)} test "
@@ -228,6 +245,19 @@ class Agent:
         key = hashlib.sha256(data).hexdigest()[:16]
         if self.swap.state.phase not in RESTING:
             return  # a rollout is under way; it decides what serves
+        try:  # only to skip work: staging verifies everything again
+            claimed = read_unverified_manifest(path)
+        except BundleError:
+            claimed = None
+        if claimed is not None:
+            if (claimed.version, claimed.model.sha256) == (blue.version, blue.sha256):
+                return  # blue is the configured bundle already
+            floor = self.swap.state.committed_version
+            if floor is not None and is_older(claimed.version, floor):
+                log.info("configured bundle %s (%s) is older than the committed %s; kept out "
+                         "of the swap (stage it with force to downgrade)", path,
+                         claimed.version, floor)
+                return
         result = self.swap.handle(Stage(id=f"config-stage-{key}", source=str(path)))
         if self.swap.state.phase is SwapPhase.STAGED:
             self.swap.handle(Promote(id=f"config-promote-{key}"))
@@ -281,12 +311,11 @@ class Agent:
     def commit_green(self) -> None:
         """Green becomes blue (idempotent: a restart may repeat it)."""
         green = self.slots["green"]
-        if green is None:
-            return
-        self._install("blue", green, reason="committed")
-        self.active = "blue"
-        self.slots["green"] = None
-        self.store.delete_slot("green")
+        if green is not None:
+            self._install("blue", green, reason="committed")
+            self.active = "blue"
+            self.slots["green"] = None
+        self.store.delete_slot("green")  # also after a kill between the two writes
 
     def health_stats(self, since: float) -> tuple[HealthStats | None, HealthStats | None]:
         """Green's evidence since ``since`` and blue's from before it (committed windows)."""

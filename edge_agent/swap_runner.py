@@ -205,9 +205,27 @@ class SwapRunner:
         elif isinstance(action, DeleteGreenFiles):
             self._delete_unreferenced()
         elif isinstance(action, CommitGreen):
-            agent.commit_green()
-            self._delete_unreferenced()
+            self._commit_green()
         return None
+
+    def _commit_green(self) -> None:
+        """Green becomes blue. A restart between the persisted commit and this action finds the
+        old blue loaded and green not: load the committed bundle (the green slot's record) first,
+        and delete nothing unless blue is the one the state names."""
+        agent = self.agent
+        want = self.state.blue_sha256
+        blue = agent.slots["blue"]
+        if agent.slots["green"] is None and (blue is None or blue.sha256 != want):
+            record = agent.store.slots().get("green")
+            try:
+                if record is None or record.sha256 != want:
+                    raise BundleError(f"no green slot record holds the committed model {want}")
+                agent.load_green(Path(record.path))
+            except AgentError as err:
+                log.error("cannot finish the commit of %s: %s; keeping every file", want, err)
+                return
+        agent.commit_green()
+        self._delete_unreferenced()
 
     def _download_and_verify(self, action: DownloadAndVerify) -> Event:
         # named by source, so any retry of the same source (a restart, a new stage) resumes
@@ -218,6 +236,9 @@ class SwapRunner:
             try:
                 download(action.source, part)
                 break
+            except OSError as err:  # a full disk, an unreadable source: not worth retrying
+                return StageFailed(reason=f"cannot fetch {action.source}: {err}",
+                                   cycle=action.cycle)
             except BundleError as err:  # the partial file stays for the next attempt
                 last = err
                 log.warning("download attempt %d of %s failed: %s", attempt + 1,
@@ -234,7 +255,10 @@ class SwapRunner:
         m = verified.manifest
         dest = (self.agent.config.bundles_dir
                 / f"{m.name}-{m.version}-{m.model.sha256[:8]}.edgebundle")
-        part.replace(dest)
+        try:
+            part.replace(dest)
+        except OSError as err:
+            return StageFailed(reason=f"cannot install {dest}: {err}", cycle=action.cycle)
         return StageVerified(version=m.version, sha256=m.model.sha256, path=str(dest),
                              cycle=action.cycle)
 
