@@ -135,3 +135,25 @@ def test_bad_candidate_never_serves(tmp_path: Path, keypair: Any, small_bundle: 
         assert "truncated" in agent.swap.state.last_reason
         r = agent.swap.handle(Promote(id="p1"))
         assert r.outcome == "refused" and agent.serving().version == "1.2.0"
+
+
+def test_canary_split_is_sticky_by_key(tmp_path: Path, keypair: Any, small_bundle: Any,
+                                       v2_bundle: Any) -> None:
+    """During shadow a canary fraction of requests is answered by green, the same key always
+    by the same slot; green's answers are recorded in its own window."""
+    cfg = _config(tmp_path, keypair, small_bundle.path, canary_fraction=0.3)
+    with Agent(cfg, start_writer=False) as agent:
+        agent.swap.handle(Stage(id="s1", source=str(v2_bundle.path)))
+        agent.swap.handle(Shadow(id="sh1"))
+        row = _rows(1)[0]
+        first = {f"device-{k}": agent.predict(row, key=f"device-{k}").model_version
+                 for k in range(200)}
+        again = {k: agent.predict(row, key=k).model_version for k in first}
+        assert first == again
+        share = sum(v == "1.3.0" for v in first.values()) / len(first)
+        assert 0.18 < share < 0.42
+        assert agent.wait_shadow_idle()
+        agent.flush()
+        green_rows = sum(w.rows for w in agent.store.windows(model_version="1.3.0"))
+        canary = sum(v == "1.3.0" for v in first.values()) * 2
+        assert green_rows >= canary  # canary answers plus shadow runs of blue's answers
