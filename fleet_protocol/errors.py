@@ -5,7 +5,11 @@ Hierarchy::
     ProtocolError                 base of everything this package raises
     ├── SketchError               sketches that do not fit their layout, or layouts that differ
     ├── CodecError                bytes that do not decode to a sketch (truncated, wrong version)
-    └── ManifestError             a bundle manifest that does not validate
+    ├── ManifestError             a bundle manifest that does not validate
+    ├── MessageError              an MQTT payload that is oversized, malformed or invalid
+    │                             (fleet_protocol.messages)
+    └── TopicError                a topic or device id outside edgefleet/v1/<device>/<kind>
+                                  (fleet_protocol.topics)
 
 Each message says what failed, the value, and what was expected.
 """
