@@ -250,6 +250,7 @@ def swap_status_command(config_path: Path | None) -> None:
     try:
         raw = store.load_swap_state()
         slots = store.slots()
+        rollbacks = store.events(["rolled_back"])
     finally:
         store.close()
     if raw is None:
@@ -263,3 +264,6 @@ def swap_status_command(config_path: Path | None) -> None:
     click.echo(f"last        {raw['last_reason']}"
                + (f" {raw['last_numbers']}" if raw.get("last_numbers") else ""))
     click.echo(f"rollbacks   {raw['rollback_count']} in all")
+    if rollbacks:
+        last = rollbacks[-1]
+        click.echo(f"last cause  {_ts(last['ts'])}: {last['detail'].get('cause', '-')}")

@@ -221,3 +221,27 @@ def test_swap_commands_against_a_running_agent(tmp_path: Path, keypair: Any,
     status = _cli("swap-status", "-c", str(cfg), cwd=tmp_path)
     assert "phase       committed" in status.stdout
     assert "blue        small 1.5.0" in status.stdout
+
+
+def test_swap_status_shows_the_last_rollback_cause(tmp_path: Path, keypair: Any,
+                                                   small_bundle: Any, compile_fast: Any) -> None:
+    """After a rollback, `agent swap-status` names the phase, the slots and why it rolled back."""
+    from sklearn.linear_model import LogisticRegression
+
+    from edge_agent.agent import Agent
+    from edge_agent.config import load_config
+    from edge_agent.swap_events import Promote, Rollback, Stage
+
+    X, y = make_classification_data(n=600, d=6, seed=11)
+    v2 = compile_fast(LogisticRegression(C=0.2).fit(X[:400], y[:400]), X, y, name="small",
+                      version="1.6.0")
+    cfg = _write_config(tmp_path, keypair, small_bundle.path)
+    with Agent(load_config(cfg, environ={}), start_writer=False) as agent:
+        agent.swap.handle(Stage(id="s", source=str(v2.path)))
+        agent.swap.handle(Promote(id="p"))
+        agent.swap.handle(Rollback(id="r", reason="operator saw bad labels"))
+    status = _cli("swap-status", "-c", str(cfg), cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert "phase       rolled_back" in status.stdout
+    assert "blue        small 1.2.0" in status.stdout and "green       -" in status.stdout
+    assert "operator saw bad labels" in status.stdout
