@@ -422,13 +422,18 @@ def numpy_window_features(X: np.ndarray, n_bands: int = N_BANDS) -> np.ndarray:
 def window_bench(plan: Plan) -> list[Check]:
     """numba kernel vs numpy, per 1024-sample window: a batch of 1000, and one at a time."""
     from edge_agent.preprocess import WINDOW_FEATURES
-    from edge_agent.preprocess.kernels import window_features
+    from edge_agent.preprocess.kernels import twiddles_for, window_features_with
 
     rng = np.random.default_rng(0)
     t = np.arange(WINDOW) / WINDOW
     X = np.sin(2 * np.pi * rng.uniform(5, 200, (N_WINDOWS, 1)) * t) + rng.normal(
         0, 0.3, (N_WINDOWS, WINDOW))
     codes = np.arange(len(WINDOW_FEATURES), dtype=np.int64)
+    cos_t, sin_t = twiddles_for(WINDOW)  # what the device's run_spec passes
+
+    def window_features(x: np.ndarray, c: np.ndarray, n_bands: int) -> np.ndarray:
+        return window_features_with(x, c, n_bands, cos_t, sin_t)
+
     ours, theirs = window_features(X, codes, N_BANDS), numpy_window_features(X)
     if not np.allclose(ours, theirs, rtol=1e-7, atol=1e-9):
         worst = float(np.max(np.abs(ours - theirs)))

@@ -268,12 +268,35 @@ def _half_spectrum_power(
     power[h] = nyquist * nyquist
 
 
+def twiddles_for(width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The FFT twiddle table for windows of ``width`` samples, computed once per width.
+
+    A single window costs ~25 µs, of which the table's cosines were ~5 µs; the device runs
+    one window per request, so the table is kept (numba kernels cannot keep state).
+    """
+    table = _TWIDDLES.get(width)
+    if table is None:
+        table = _TWIDDLES[width] = _twiddles(_next_pow2(width))
+    return table
+
+
+_TWIDDLES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+
 @_jit
 def window_features(X: np.ndarray, codes: np.ndarray, n_bands: int) -> np.ndarray:
     """Per-row features in the order of ``codes``; FEATURE_BANDS expands to n_bands columns.
 
     Empty rows give NaN in every column. See spec.py for each feature's definition.
     """
+    cos_t, sin_t = _twiddles(_next_pow2(X.shape[1]))
+    return window_features_with(X, codes, n_bands, cos_t, sin_t)
+
+
+@_jit
+def window_features_with(X: np.ndarray, codes: np.ndarray, n_bands: int, cos_t: np.ndarray,
+                         sin_t: np.ndarray) -> np.ndarray:
+    """:func:`window_features` with the twiddle table of ``twiddles_for(X.shape[1])``."""
     n_rows, width = X.shape
     n_out = n_outputs(codes, n_bands)
     out = np.full((n_rows, n_out), np.nan)
@@ -283,7 +306,8 @@ def window_features(X: np.ndarray, codes: np.ndarray, n_bands: int) -> np.ndarra
             want_bands = True
     table_n = _next_pow2(width) if want_bands else 1
     half_table = table_n // 2
-    cos_t, sin_t = _twiddles(table_n)
+    if not want_bands:
+        cos_t, sin_t = _twiddles(table_n)
     d = np.zeros(width)
     re = np.zeros(half_table)
     im = np.zeros(half_table)
