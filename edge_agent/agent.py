@@ -152,6 +152,8 @@ class Agent:
         self._next_batch_id = 1 << 48
         self._pending: collections.deque[_Pending] = collections.deque()
         self._pending_lock = threading.Lock()
+        #: one flush at a time: what a flush took is committed before another flush returns
+        self._flush_lock = threading.Lock()
         self._feedback: list[tuple[str, float, str, str, int | None, float | None]] = []
         self._events: list[tuple[float, str, dict[str, Any]]] = []
         self._samples: list[tuple[str, float, str, str]] = []
@@ -530,19 +532,23 @@ class Agent:
                           samples=samples, events=events)
 
     def _flush_pending_predictions_only(self) -> None:
-        batch = self._take_pending()
-        fb, ev = batch.feedback, batch.events
-        batch.feedback, batch.events = [], []
-        self.store.write(batch)
-        with self._pending_lock:
-            self._feedback[:0] = fb
-            self._events[:0] = ev
+        # Under the flush lock: a prediction the writer thread has taken but not yet committed
+        # is in the database once this returns, so feedback can find it.
+        with self._flush_lock:
+            batch = self._take_pending()
+            fb, ev = batch.feedback, batch.events
+            batch.feedback, batch.events = [], []
+            self.store.write(batch)
+            with self._pending_lock:
+                self._feedback[:0] = fb
+                self._events[:0] = ev
 
     def flush(self, *, close_all: bool = False) -> None:
         """Commit what is pending: windows (closed and checkpoints), predictions, feedback."""
-        batch = self._take_pending()
-        batch.windows = self.recorder.collect(close_all=close_all)
-        self.store.write(batch)
+        with self._flush_lock:
+            batch = self._take_pending()
+            batch.windows = self.recorder.collect(close_all=close_all)
+            self.store.write(batch)
 
     def _write_loop(self) -> None:
         interval = self.config.telemetry.flush_interval_seconds

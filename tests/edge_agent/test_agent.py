@@ -240,3 +240,39 @@ def test_writer_thread_commits_without_being_asked(tmp_path: Path, keypair: Any,
             seen.wait(0.05)
         reader.close()
         assert seen.is_set()
+
+
+def test_feedback_waits_for_a_flush_in_progress(agent: Agent) -> None:
+    """Feedback for a prediction the writer has taken but not yet committed still finds it."""
+    import threading
+
+    res = agent.predict(_rows(1)[0])
+    started, release = threading.Event(), threading.Event()
+    original = agent.store.write
+
+    def slow_write(batch: Any) -> None:
+        if batch.predictions:
+            started.set()
+            release.wait(10)
+        original(batch)
+
+    agent.store.write = slow_write  # type: ignore[method-assign]
+    writer = threading.Thread(target=agent.flush)
+    writer.start()
+    assert started.wait(10)
+    outcome: dict[str, Any] = {}
+
+    def give_feedback() -> None:
+        try:
+            outcome["ok"] = agent.feedback(res.id, str(res.labels[0]))
+        except FeedbackError as err:
+            outcome["error"] = err
+
+    asker = threading.Thread(target=give_feedback)
+    asker.start()
+    asker.join(timeout=0.5)  # without the flush lock it has already failed by now
+    release.set()
+    asker.join(timeout=10)
+    writer.join(timeout=10)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["ok"]["correct"] == 1
