@@ -15,6 +15,16 @@ import pytest
 from tests.conftest import make_regression_data, signal_windows
 
 
+def swap_config(tmp_path: Path, keypair: Any, bundle: Path, **swap: Any) -> Any:
+    """An agent config for swap tests: 60 s windows, fast flushes, SwapConfig(**swap)."""
+    from edge_agent.config import AgentConfig, SwapConfig, TelemetryConfig
+
+    return AgentConfig(data_dir=tmp_path / "data", trusted_keys=(keypair.public_path,),
+                       bundle=bundle, telemetry=TelemetryConfig(window_seconds=60,
+                                                                flush_interval_seconds=0.05),
+                       swap=SwapConfig(**swap))
+
+
 def sensor_frame(n: int, seed: int) -> tuple[Any, np.ndarray]:
     """Two numeric columns and one text column; labels "alarm" / "ok"."""
     import pandas as pd

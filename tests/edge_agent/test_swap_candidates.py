@@ -19,10 +19,10 @@ from sklearn.preprocessing import StandardScaler
 
 from compiler.signing import load_private_key
 from edge_agent.agent import Agent
-from edge_agent.config import AgentConfig, SwapConfig, TelemetryConfig
 from edge_agent.swap_events import Promote, Shadow, Stage, SwapPhase
 from fleet_protocol.manifest import BundleManifest, canonical_json, parse_manifest
 from tests.conftest import make_classification_data
+from tests.edge_agent.conftest import swap_config
 
 BLUE, GREEN = "1.2.0", "1.3.0"
 
@@ -57,11 +57,7 @@ def four_feature_bundle(compile_fast: Any) -> Any:
     return compile_fast(model, X, y, name="four", version="1.0.0")
 
 
-def _config(tmp_path: Path, keypair: Any, bundle: Path, **swap: Any) -> AgentConfig:
-    return AgentConfig(data_dir=tmp_path / "data", trusted_keys=(keypair.public_path,),
-                       bundle=bundle, telemetry=TelemetryConfig(window_seconds=60,
-                                                                flush_interval_seconds=0.05),
-                       swap=SwapConfig(**swap))
+_config = swap_config
 
 
 def _rows(n: int) -> np.ndarray:

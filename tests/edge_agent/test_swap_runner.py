@@ -13,9 +13,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from edge_agent.agent import Agent
-from edge_agent.config import AgentConfig, SwapConfig, TelemetryConfig
 from edge_agent.swap_events import Commit, Promote, Rollback, Shadow, Stage, SwapPhase
 from tests.conftest import make_classification_data
+from tests.edge_agent.conftest import swap_config
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +26,7 @@ def v2_bundle(compile_fast: Any) -> Any:
     return compile_fast(model, X, y, name="small", version="1.3.0")
 
 
-def _config(tmp_path: Path, keypair: Any, bundle: Path, **swap: Any) -> AgentConfig:
-    return AgentConfig(data_dir=tmp_path / "data", trusted_keys=(keypair.public_path,),
-                       bundle=bundle, telemetry=TelemetryConfig(window_seconds=60,
-                                                                flush_interval_seconds=0.05),
-                       swap=SwapConfig(**swap))
+_config = swap_config
 
 
 def _rows(n: int) -> np.ndarray:
