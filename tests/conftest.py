@@ -9,6 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# No per-example deadline anywhere: a loaded 2-core CI machine (or numba loading its cache on
+# the first example) can exceed hypothesis' 200 ms default without anything being wrong.
+settings.register_profile("edgefleet", deadline=None)
+settings.load_profile("edgefleet")
 
 # numba writes its on-disk cache here unless the test command chose a folder already.
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(__file__).resolve().parent.parent
