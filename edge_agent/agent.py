@@ -387,12 +387,12 @@ class Agent:
                                   pred.labels[0], score))
         else:
             latency_us = (time.perf_counter_ns() - t0) / 1000.0
-            self._record_batch(loaded, feats, pred, latency_us, raw_oor, raw_empty)
+            scores = self._record_batch(loaded, feats, pred, latency_us, raw_oor, raw_empty)
             with self._pending_lock:  # a batch takes a block of ids from its own range
                 first = self._next_batch_id
                 self._next_batch_id += n
             self._pending.append((self.boot, first, n, now, loaded.name, loaded.version,
-                                  pred.labels, _scores(pred)))
+                                  pred.labels, scores))
         if self.config.privacy.sample_inputs:
             self._sample(first, n, now, loaded, model_in)
         result = PredictResult(loaded.name, loaded.version, first, self.boot, pred.labels,
@@ -405,20 +405,19 @@ class Agent:
         return result
 
     def _record_batch(self, loaded: LoadedModel, feats: Any, pred: Prediction,
-                      latency_us: float, raw_oor: int, raw_empty: int) -> None:
+                      latency_us: float, raw_oor: int, raw_empty: int) -> np.ndarray:
+        """Sketch a batch's features and outputs; returns its scores (confidence or value)."""
         tel = loaded.telemetry
         n = len(pred.labels)
-        if pred.probabilities is not None:
-            scores = pred.probabilities.max(axis=1)
-            assert pred.codes is not None
+        scores = _scores(pred)
+        if pred.codes is not None:
             out_rows = np.column_stack([pred.codes.astype(np.float64), scores])
         else:
-            assert pred.values is not None
-            out_rows = pred.values.astype(np.float64).reshape(-1, 1)
-            scores = pred.values
+            out_rows = np.asarray(scores, dtype=np.float64).reshape(-1, 1)
         nonfinite = int(n - np.isfinite(scores).sum())
         self.recorder.record(tel, feats, out_rows, latency_us, n, raw_out_of_range=raw_oor,
                              raw_empty=raw_empty, nonfinite=nonfinite)
+        return scores
 
     def _shadow_loop(self) -> None:
         """Run green on what blue served; record agreement and green's own telemetry."""

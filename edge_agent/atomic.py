@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -52,8 +52,3 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> None
     with atomic_write(path, mode) as fh:
         fh.write(data)
 
-
-def atomic_write_with(path: str | Path, writer: Callable[[BinaryIO], None],
-                      mode: int = 0o644) -> None:
-    with atomic_write(path, mode) as fh:
-        writer(fh)

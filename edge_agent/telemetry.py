@@ -389,7 +389,3 @@ class TelemetryRecorder:
             rows = [w.row(True, now, rss) for w in closed]
             rows += [w.row(False, now, rss) for w in self._open.values()]
         return rows
-
-    def open_windows(self) -> list[ModelWindow]:
-        with self._lock:
-            return list(self._open.values())
