@@ -105,3 +105,33 @@ def small_bundle(compile_fast: Callable[..., Any]) -> Any:
     X, y = make_classification_data(n=600, d=6, seed=11)
     model = make_pipeline(StandardScaler(), LogisticRegression()).fit(X[:400], y[:400])
     return compile_fast(model, X, y, name="small", version="1.2.0")
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Any:
+    """A real Mosquitto on a free loopback port, persistence on, stopped after the test.
+
+    Fails (never skips) when Mosquitto is missing: scripts/setup installs it where it can.
+    ``mosquitto.kill()`` / ``mosquitto.start()`` crash and restart it on the same port.
+    """
+    from cloud_hub.mosquitto import MosquittoProcess
+
+    broker = MosquittoProcess(tmp_path / "mosquitto")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.kill()
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """The PostgreSQL server the hub's scale path is tested on (.ci/run sets the variable).
+
+    Skipped only when the variable is unset (a laptop without PostgreSQL); .ci/run always sets
+    it, and a set URL whose server does not answer fails the test.
+    """
+    url = os.environ.get("EDGEFLEET_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("EDGEFLEET_TEST_POSTGRES_URL is not set (.ci/run sets it)")
+    return url
