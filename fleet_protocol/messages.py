@@ -225,6 +225,11 @@ Metrics = Annotated[dict[str, Any], AfterValidator(partial(_check_json, limits=M
 Detail = Annotated[dict[str, Any], AfterValidator(partial(_check_json, limits=DETAIL_LIMITS))]
 Args = Annotated[dict[str, Any], AfterValidator(partial(_check_json, limits=ARGS_LIMITS))]
 SampleJson = Annotated[str, AfterValidator(_sample_json)]
+MAX_TAGS = 32
+TagKey = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_.-]{0,63}$")]
+TagValue = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
+#: a device's labels for fleet selectors ("site", "cohort", "line"...), from its config
+Tags = Annotated[dict[TagKey, TagValue], Field(max_length=MAX_TAGS)]
 #: the agent's swap phases (edge_agent.swap_events.SwapPhase; a test keeps the two equal)
 SwapPhaseName = Literal["idle", "staging", "staged", "shadow", "promoted", "committed",
                         "rolling_back", "rolled_back", "failed"]
@@ -356,6 +361,8 @@ class StateMessage(BaseMessage):
     #: required when online
     swap_phase: SwapPhaseName | None = None
     health: Detail = Field(default_factory=dict)
+    #: the device's own tags (config ``tags``); the hub adds operator tags beside them
+    tags: Tags = Field(default_factory=dict)
     ts: Timestamp
 
     @model_validator(mode="after")

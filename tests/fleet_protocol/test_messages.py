@@ -584,3 +584,16 @@ def test_typical_window_size_matches_the_docstring() -> None:
     assert len(json.dumps(env.model_dump(mode="json"), separators=(",", ":"))) == 3538
     assert wire[:1] == b"\x78" and 1700 < len(wire) < 2000  # 1,841 with this zlib
     assert raw == 447_525 and 220 < raw / len(wire) < 265
+
+
+def test_state_tags_are_bounded_labels() -> None:
+    ok = m.StateMessage(device_id="pi-1", online=True, agent_version="0.1.0", swap_phase="idle",
+                        tags={"site": "a", "cohort": "bright-1"}, ts=1.0)
+    back = m.decode(m.encode(ok), m.StateMessage)
+    assert back.tags == {"site": "a", "cohort": "bright-1"}
+    for bad, field in (({"Site": "a"}, "tags.Site"), ({"site": "a b"}, "tags.site"),
+                       ({f"k{i}": "v" for i in range(33)}, "tags")):
+        raw = m.encode(ok.model_copy(update={"tags": bad}))
+        with pytest.raises(m.MessageError) as err:
+            m.decode(raw, m.StateMessage)
+        assert err.value.field is not None and err.value.field.startswith(field)
