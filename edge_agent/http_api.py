@@ -1,4 +1,4 @@
-"""The agent's local HTTP API: a raw ASGI app served by uvicorn (httptools, uvloop).
+"""The agent's local HTTP API: a raw ASGI app on edgefleet's own small server (httptools, uvloop).
 
 Endpoints (every error body is ``{"error": "<what failed, the value, what was expected>"}``)::
 
@@ -26,20 +26,18 @@ they are rare and short, and the agent serialises its own writes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import signal
 import socket
 import threading
 import zlib
-from collections.abc import Awaitable, Callable, Generator, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
 import orjson
-import uvicorn
 
 from edge_agent.agent import Agent, LoadedModel, PredictResult
 from edge_agent.errors import (
@@ -49,6 +47,7 @@ from edge_agent.errors import (
     InputError,
     NotReadyError,
 )
+from edge_agent.http_server import HttpServer
 from edge_agent.oip import ModelSignature, decode_infer_request, encode_infer_response
 from edge_agent.swap_commands import parse_command
 
@@ -382,46 +381,20 @@ def create_app(agent: Agent) -> ASGIApp:
 # --- running it ----------------------------------------------------------------------------
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, telling a waiter when it listens, with our own signal handling.
-
-    uvicorn re-raises a caught SIGTERM after shutting down, which would kill the process before
-    the agent flushes; here the handlers only ask it to exit, and the caller returns normally.
-    """
-
-    def __init__(self, config: uvicorn.Config, *, install_signal_handlers: bool) -> None:
-        super().__init__(config)
-        self.signals = install_signal_handlers
-        self.up = threading.Event()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        self.up.set()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        if not self.signals or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {sig: signal.signal(sig, self.handle_exit)
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional (no Windows wheels); asyncio's loop works too
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
 
 
-def _server(agent: Agent, *, install_signal_handlers: bool) -> _Server:
-    config = uvicorn.Config(
-        create_app(agent), http="httptools", loop="uvloop", ws="none", lifespan="off",
-        interface="asgi3", access_log=False, log_config=None, proxy_headers=False,
-        server_header=False, timeout_graceful_shutdown=10)
-    return _Server(config, install_signal_handlers=install_signal_handlers)
+def _http_server(agent: Agent) -> HttpServer:
+    return HttpServer(create_app(agent), max_body_bytes=agent.config.http.max_body_bytes)
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """Bind here rather than in uvicorn: errors come back to the caller, not a sys.exit."""
+    """Bind here: a busy port is a ConfigError naming the setting, before anything starts."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                     flags=socket.AI_PASSIVE)[0][0]
@@ -443,17 +416,17 @@ class RunningServer:
 
     url: str
     port: int
-    _server: _Server = field(repr=False)
+    _loop: asyncio.AbstractEventLoop = field(repr=False)
+    _stop: asyncio.Event = field(repr=False)
     _thread: threading.Thread = field(repr=False)
 
     def stop(self, timeout: float = 10) -> None:
         """Finish in-flight requests, close connections and join the thread."""
-        self._server.should_exit = True
-        self._thread.join(timeout)
         if self._thread.is_alive():
-            log.warning("HTTP server at %s did not stop in %.1fs; forcing it", self.url, timeout)
-            self._server.force_exit = True
-            self._thread.join(timeout)
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout + 5)
+        if self._thread.is_alive():
+            log.warning("HTTP server at %s did not stop in %.1fs", self.url, timeout)
 
     def __enter__(self) -> RunningServer:
         return self
@@ -462,31 +435,46 @@ class RunningServer:
         self.stop()
 
 
+async def _serve(server: HttpServer, sock: socket.socket, stop: asyncio.Event,
+                 started: Callable[[], None] | None = None) -> None:
+    await server.start(sock)
+    if started is not None:
+        started()
+    await stop.wait()
+    await server.shutdown()
+
+
 def serve_in_thread(agent: Agent, host: str = "127.0.0.1", port: int = 0, *,
                     startup_timeout: float = 30) -> RunningServer:
     """Start serving in a daemon thread; return once it accepts connections (port 0: any)."""
     sock = _bind(host, port)
     url, bound = _url(sock)
-    server = _server(agent, install_signal_handlers=False)
+    server = _http_server(agent)
+    loop = _new_loop()
+    up = threading.Event()
+    holder: list[asyncio.Event] = []
     failure: list[BaseException] = []
 
     def run() -> None:
+        asyncio.set_event_loop(loop)
+        stop = asyncio.Event()
+        holder.append(stop)
         try:
-            server.run(sockets=[sock])
-        except BaseException as err:  # uvicorn reports start-up failures with sys.exit
+            loop.run_until_complete(_serve(server, sock, stop, up.set))
+        except BaseException as err:
             failure.append(err)
         finally:
             sock.close()
-            server.up.set()
+            loop.close()
+            up.set()
 
     thread = threading.Thread(target=run, name=f"edgefleet-http-{bound}", daemon=True)
     thread.start()
-    if not server.up.wait(startup_timeout) or not server.started:
-        server.should_exit = True
+    if not up.wait(startup_timeout) or failure or not holder:
         why = f": {failure[0]!r}" if failure else f" within {startup_timeout:g}s"
         raise AgentError(f"the HTTP server on {url} did not start{why}")
     log.info("local API listening on %s", url)
-    return RunningServer(url, bound, server, thread)
+    return RunningServer(url, bound, loop, holder[0], thread)
 
 
 def _tune_gc() -> None:
@@ -501,19 +489,25 @@ def _tune_gc() -> None:
 
 def serve_forever(agent: Agent, host: str, port: int, *,
                   install_signal_handlers: bool = True) -> None:
-    """Serve until SIGTERM or SIGINT; return once uvicorn has shut down (the agent stays open).
-
-    A second SIGINT during the graceful shutdown forces it.
-    """
+    """Serve until SIGTERM or SIGINT; return once the server has shut down (the agent stays
+    open, so the caller flushes and closes it)."""
     sock = _bind(host, port)
     url, _ = _url(sock)
-    server = _server(agent, install_signal_handlers=install_signal_handlers)
+    server = _http_server(agent)
+    loop = _new_loop()
     _tune_gc()
-    log.info("local API listening on %s", url)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+        log.info("local API listening on %s", url)
+        await _serve(server, sock, stop)
+
     try:
-        server.run(sockets=[sock])
-    except SystemExit as err:  # uvicorn's way of failing start-up
-        raise AgentError(f"the HTTP server on {url} failed to start (exit {err.code})") from err
+        loop.run_until_complete(main())
     finally:
         sock.close()
+        loop.close()
     log.info("local API on %s stopped", url)

@@ -476,7 +476,7 @@ def test_not_ready_without_a_bundle(serve: Callable[..., Served]) -> None:
 
 
 def test_stop_closes_the_port(serve: Callable[..., Served], small_bundle: Any) -> None:
-    """RunningServer.stop() shuts uvicorn down: the port then refuses connections."""
+    """RunningServer.stop() shuts the server down: the port then refuses connections."""
     served = serve(small_bundle.path)
     assert served.request("GET", "/v2/health/ready")[0] == 200
     served.server.stop()
