@@ -24,23 +24,13 @@ from edge_agent.concept_drift import Adwin
 from edge_agent.latency import LatencyHistogram
 from edge_agent.sketching import KernelLayout, update_sketch
 from edge_agent.store import WindowRow
-from fleet_protocol.manifest import BundleManifest, FeatureBaseline
-from fleet_protocol.sketch import FeatureLayout, Sketch, SketchLayout
+from fleet_protocol.layouts import layouts_of
+from fleet_protocol.manifest import BundleManifest
+from fleet_protocol.sketch import Sketch, SketchLayout
 
 __all__ = ["ModelTelemetry", "ModelWindow", "TelemetryRecorder", "layouts_of"]
 
 BUFFER_ROWS = 256
-
-
-def _layout(baselines: tuple[FeatureBaseline, ...]) -> SketchLayout:
-    return SketchLayout(tuple(
-        FeatureLayout(b.name, b.kind, edges=b.edges, categories=b.categories) for b in baselines
-    ))
-
-
-def layouts_of(manifest: BundleManifest) -> tuple[SketchLayout, SketchLayout]:
-    """The input and output sketch layouts a bundle's baseline defines."""
-    return _layout(manifest.baseline.features), _layout(manifest.baseline.outputs)
 
 
 @dataclass

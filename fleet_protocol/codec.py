@@ -23,6 +23,7 @@ This module knows bytes and arrays only; ``fleet_protocol.sketch`` maps them to 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,3 +201,48 @@ def _fingerprint_bytes(fingerprint: str) -> bytes:
             f"fingerprint {fingerprint!r} has {len(raw)} bytes, expected {FINGERPRINT_BYTES}"
         )
     return raw
+
+
+def decode_counts_batch(
+    datas: Sequence[bytes | bytearray | memoryview], fingerprint: str, total_slots: int,
+    n_features: int, n_numeric: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Counts and missing of many sketches of one layout at once: ``(n, total_slots)`` and
+    ``(n, n_features)`` arrays, moments skipped.
+
+    For sums over thousands of stored windows (the hub's rollups), where one
+    :func:`decode_sketch` per sketch would cost tens of microseconds. It checks what it reads
+    as :func:`decode_sketch` does (magic, version, fingerprint, declared lengths, canonical
+    varints, exactly ``total_slots + n_features`` varints before a moments block of the right
+    size in every sketch), but not the moments themselves.
+    """
+    n = len(datas)
+    per = total_slots + n_features
+    if n == 0:
+        return (np.zeros((0, total_slots), dtype=np.int64),
+                np.zeros((0, n_features), dtype=np.int64))
+    head = (bytes((MAGIC, VERSION)) + _fingerprint_bytes(fingerprint)
+            + encode_uvarints(np.array([total_slots, n_features, n_numeric])))
+    tail = n_numeric * MOMENT_FIELDS * _LITTLE_F8.itemsize
+    parts: list[bytes] = []
+    for i, data in enumerate(datas):
+        raw = bytes(data)
+        if not raw.startswith(head) or len(raw) < len(head) + per + tail:
+            raise CodecError(
+                f"sketch {i} of the batch is not a sketch of layout {fingerprint} with "
+                f"(slots, features, numeric) = {(total_slots, n_features, n_numeric)} "
+                f"(header {raw[:len(head)].hex()}, {len(raw)} bytes)"
+            )
+        parts.append(raw[len(head):len(raw) - tail])
+    joined = b"".join(parts)
+    values, end = decode_uvarints(joined, n * per, 0, "batch counts")
+    ends = np.flatnonzero(np.frombuffer(joined, dtype=np.uint8) < 0x80)
+    part_ends = np.cumsum(np.fromiter(map(len, parts), dtype=np.int64, count=n))
+    if end != len(joined) or not np.array_equal(ends[per - 1::per] + 1, part_ends):
+        bad = int(np.argmax(ends[per - 1::per] + 1 != part_ends)) if ends.size == n * per else 0
+        raise CodecError(
+            f"sketch {bad} of the batch does not hold exactly {per} count varints before its "
+            f"{tail}-byte moments block"
+        )
+    table = values.reshape(n, per)
+    return table[:, :total_slots].copy(), table[:, total_slots:].copy()
