@@ -8,6 +8,11 @@ records; a committed window is never lost.
 
 Slots: ``blue`` serves; ``green`` is the candidate slot that the swap (a later issue) fills
 beside it. Both hold a :class:`LoadedModel`, so a second model loads next to the first.
+
+Sync: with a ``[sync]`` section the store also writes the outbox (same transactions) and the
+agent starts an :class:`edge_agent.sync.Sync` as its constructor ends; the writer wakes it after
+each flush, it reads the agent's state through :meth:`Agent.state_message`, and
+:meth:`Agent.close` stops it first (offline state published, clean disconnect).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,6 +56,10 @@ from edge_agent.swap_events import Commit, HealthStats, Promote, Stage, SwapPhas
 from edge_agent.swap_runner import SwapRunner, stats_of
 from edge_agent.telemetry import ModelTelemetry, TelemetryRecorder
 from edge_agent.validation import InputValidator
+from fleet_protocol.messages import SlotInfo, Slots, StateMessage
+
+if TYPE_CHECKING:
+    from edge_agent.sync import Sync
 
 __all__ = ["Agent", "LoadedModel", "PredictResult"]
 
@@ -133,14 +142,18 @@ class Agent:
     """The device daemon's core, usable in-process: ``Agent(config).predict(row)``."""
 
     def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time,
-                 start_writer: bool = True) -> None:
+                 start_writer: bool = True, start_sync: bool = True) -> None:
         self.config = config
         self.clock = clock
         config.data_dir.mkdir(parents=True, exist_ok=True)
         config.bundles_dir.mkdir(parents=True, exist_ok=True)
         self.trusted = [load_public_key(p) for p in config.trusted_keys]
         self.store = AgentStore(config.db_path, keep_predictions=config.telemetry.keep_predictions,
-                                keep_windows=config.telemetry.keep_windows)
+                                keep_windows=config.telemetry.keep_windows,
+                                outbox_quota_bytes=(config.sync.quota_bytes
+                                                    if config.sync.enabled else None))
+        #: the link to the hub (None: sync not configured, or not started yet)
+        self.sync: Sync | None = None
         self.recorder = TelemetryRecorder(config.telemetry.window_seconds, clock=clock)
         #: ONNX allow-list results by model sha256, persisted (the walk is slow on big trees)
         self.onnx_checked = self.store.onnx_checks()
@@ -179,11 +192,44 @@ class Agent:
             for row in self.store.windows(closed=False):
                 if not self.recorder.restore(row):
                     self.store.write(WriteBatch(windows=[_closed(row)]))
+        if start_sync and config.sync.enabled:
+            try:
+                self.start_sync()
+            except BaseException:  # a bad password file, TLS files: nothing may stay open
+                self.store.close()
+                raise
         self._writer: threading.Thread | None = None
         if start_writer:
             self._writer = threading.Thread(target=self._write_loop, name="edgefleet-writer",
                                             daemon=True)
             self._writer.start()
+
+    # --- sync --------------------------------------------------------------------------------
+
+    def start_sync(self, **kwargs: Any) -> Sync:
+        """Start sending the outbox to the hub (``config.sync``); ``kwargs`` go to
+        :class:`~edge_agent.sync.Sync` (``rng``, ``on_command``)."""
+        from edge_agent.sync import Sync
+
+        if self.sync is not None:
+            return self.sync
+        self.sync = Sync.from_config(self.config, self.store, self.state_message, **kwargs)
+        self.sync.start()
+        return self.sync
+
+    def state_message(self) -> StateMessage:
+        """The retained online state: slots, swap phase, tags (the sync publishes it whenever
+        anything here but ``ts`` changes)."""
+        from edge_agent.sync import AGENT_VERSION
+
+        slots = {slot: None if loaded is None else SlotInfo(
+            name=loaded.name, version=loaded.version, sha256=loaded.sha256)
+            for slot, loaded in self.slots.items()}
+        return StateMessage(
+            device_id=self.config.device_id, online=True, agent_version=AGENT_VERSION,
+            slots=Slots(**slots), swap_phase=self.swap.state.phase.value,
+            health={"ready": self.ready, "active": self.active}, tags=dict(self.config.tags),
+            ts=self.clock())
 
     # --- slots -----------------------------------------------------------------------------
 
@@ -557,10 +603,14 @@ class Agent:
                 self.swap.check_health()
             except Exception:  # keep serving; the next flush retries what it can
                 log.exception("writer flush failed")
+            if self.sync is not None:
+                self.sync.notify()
 
     def close(self) -> None:
         """Stop accepting, flush everything, close the database (SIGTERM path)."""
         self._accepting = False
+        if self.sync is not None:  # first: it reads the store that closes below
+            self.sync.stop()
         self._stop.set()
         if self._shadow_thread is not None:
             self._shadow_queue.put(None)
@@ -586,7 +636,8 @@ class Agent:
                 "path": str(loaded.path)}
         return {"device_id": self.config.device_id, "ready": self.ready, "slots": slots,
                 "active": self.active, "swap": self.swap.state.to_dict(),
-                "refusals": self.refusals[-5:]}
+                "refusals": self.refusals[-5:],
+                "sync": None if self.sync is None else self.sync.status()}
 
 
 #: a served request awaiting the writer: (boot, first id, rows, time, model, version, labels,

@@ -1,5 +1,5 @@
-"""`edgefleet agent ...`: run the daemon, warm numba's cache, look at status and drift offline,
-score files in batch.
+"""`edgefleet agent ...`: run the daemon (and its sync to the hub), warm numba's cache, look at
+status, drift and the outbox offline, score files in batch.
 
 Heavy modules are imported inside the commands, after ``NUMBA_CACHE_DIR`` points into the data
 dir: numba picks its cache folder when a kernel module is imported.
@@ -53,6 +53,9 @@ def run_command(config_path: Path | None) -> None:
         blue = instance.serving()
         click.echo(f"serving {blue.name} {blue.version} (device {config.device_id}, data "
                    f"{config.data_dir})", err=True)
+        if instance.sync is not None:
+            click.echo(f"syncing to {instance.sync.settings.url} (outbox quota "
+                       f"{config.sync.quota_bytes} bytes)", err=True)
         if config.http.enabled:
             from edge_agent.http_api import serve_forever
 
@@ -116,6 +119,40 @@ def status_command(config_path: Path | None) -> None:
             click.echo(f"{_ts(e['ts'])} {e['kind']}: {e['detail']}")
     finally:
         store.close()
+
+
+@agent.command("outbox")
+@CONFIG_OPTION
+def outbox_command(config_path: Path | None) -> None:
+    """What waits for the hub: pending rows and bytes, batches in flight, drops, last receipt."""
+    config = _config(config_path)
+    from edge_agent.outbox import KINDS, outbox_status
+
+    store = _store(config)
+    try:
+        st = outbox_status(store)
+    finally:
+        store.close()
+    sync = config.sync
+    click.echo(f"device      {config.device_id}")
+    off = "- (sync is off: nothing is added to the outbox)"
+    click.echo(f"broker      {sync.broker_url if sync.enabled else off}")
+    click.echo(f"pending     {st.rows} rows, {st.bytes} bytes (quota {sync.quota_bytes}), "
+               f"{st.unbatched_rows} not yet in a message"
+               + (f", oldest {_ts(st.oldest_created_at)}" if st.oldest_created_at else ""))
+    for kind in KINDS:
+        rows, size = st.by_kind.get(kind, (0, 0))
+        click.echo(f"  {kind:<9} {rows:>8} rows {size:>12} bytes")
+    n = len(st.inflight)
+    inflight = ("none" if not n else f"seq {st.inflight[0]} (1 message)" if n == 1
+                else f"seq {st.inflight[0]}-{st.inflight[-1]} ({n} messages)")
+    click.echo(f"in flight   {inflight}; last seq formed {st.last_seq}")
+    click.echo(f"receipt     up to seq {st.last_receipt_seq}"
+               + (f" at {_ts(st.last_receipt_at)}" if st.last_receipt_at else " (none yet)"))
+    drops = ", ".join(f"{n} {k}" for k, n in sorted(st.drops_total.items())) or "none"
+    unreported = ", ".join(f"{n} {k}" for k, n in sorted(st.drops_unreported.items()))
+    click.echo(f"dropped     {drops}" + (f" ({unreported} not yet reported)" if unreported
+                                          else ""))
 
 
 def _ts(t: float) -> str:

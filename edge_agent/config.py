@@ -3,8 +3,9 @@
 Environment variables are ``EDGEFLEET_AGENT_<KEY>`` for top-level keys and
 ``EDGEFLEET_AGENT_<SECTION>__<KEY>`` for keys in a section, e.g.
 ``EDGEFLEET_AGENT_HTTP__PORT=9000``. Values from the environment are parsed as TOML values when
-they parse (numbers, booleans, arrays) and taken as strings otherwise. Every error names the key,
-the bad value and what was expected.
+they parse (numbers, booleans, arrays) and taken as strings otherwise; ``device_id``,
+``username``, ``password`` and ``client_id`` are always strings (a password "1234" stays
+text). Every error names the key, the bad value and what was expected.
 
 Example (devices/raspberry-pi/agent.toml is the template)::
 
@@ -15,6 +16,15 @@ Example (devices/raspberry-pi/agent.toml is the template)::
 
     [http]
     port = 8080
+
+    [sync]                                  # store-and-forward to the hub over MQTT
+    broker_url = "mqtts://hub.example.com:8883"
+    username = "press-07"
+    password_file = "/etc/edgefleet/mqtt.password"
+    ca_certs = "/etc/edgefleet/ca.pem"
+
+``tags = {site = "a"}`` at the top level labels the device for fleet selectors (sent in its
+retained state message).
 """
 
 from __future__ import annotations
@@ -24,15 +34,27 @@ import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from edge_agent.errors import ConfigError
+from fleet_protocol import topics
+from fleet_protocol.messages import MAX_ITEMS, Tags, TelemetryEnvelope
 
-__all__ = ["AgentConfig", "HttpConfig", "load_config"]
+__all__ = ["AgentConfig", "HttpConfig", "SyncConfig", "load_config"]
 
 ENV_PREFIX = "EDGEFLEET_AGENT_"
+_TEXT_KEYS = frozenset({"device_id", "username", "password", "client_id"})
 
 
 class _Section(BaseModel):
@@ -98,6 +120,124 @@ class SwapConfig(_Section):
             max_rollbacks=self.max_rollbacks, rollback_window_seconds=self.rollback_window_seconds)
 
 
+MIB = 1024 * 1024
+
+
+class SyncConfig(_Section):
+    """Store-and-forward to the hub over MQTT (DESIGN, "Delivery and durability").
+
+    Off unless ``broker_url`` is set (or ``enabled = true``, which then needs one). While off,
+    nothing is written to the outbox.
+    """
+
+    enabled: bool = False
+    #: mqtt://host[:1883] or mqtts://host[:8883] (TLS)
+    broker_url: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    #: a file holding the password (first line); the alternative to ``password``
+    password_file: Path | None = None
+    #: TLS: CA bundle to trust (default: the system's), client certificate and key
+    ca_certs: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    #: MQTT client id; defaults to the device id (broker ACLs may match it with %c)
+    client_id: str | None = Field(default=None, min_length=1, max_length=128)
+    #: unset: MQTT 5 (persistent session with an expiry), falling back to 3.1.1 when the
+    #: broker refuses or ignores a version-5 CONNECT; 5 or 311 pins one
+    mqtt_version: Literal[5, 311] | None = None
+    keepalive_seconds: int = Field(default=60, ge=5, le=65535)
+    #: how long the broker keeps the session (subscriptions, queued receipts) while offline
+    session_expiry_seconds: int = Field(default=7 * 86400, ge=0, le=2**32 - 1)
+    #: disk the outbox may use; past it the oldest samples, then events, then windows go
+    quota_bytes: int = Field(default=64 * MIB, ge=64 * 1024)
+    #: per telemetry message: items, and bytes of item JSON (kept far under the wire limit)
+    max_batch_items: int = Field(default=100, ge=1, le=MAX_ITEMS - 1)
+    max_batch_bytes: int = Field(default=256 * 1024, ge=4096,
+                                 le=TelemetryEnvelope.MAX_WIRE_BYTES // 2)
+    #: messages sent and not yet receipted by the hub
+    max_inflight: int = Field(default=4, ge=1, le=100)
+    #: an unreceipted message is sent again after this long (and after every reconnect)
+    resend_after_seconds: float = Field(default=30.0, ge=0.1, le=86_400.0)
+    #: reconnect delays: random(0, min(cap, base * 2**attempt)) ("full jitter")
+    backoff_base_seconds: float = Field(default=1.0, gt=0.0, le=3600.0)
+    backoff_cap_seconds: float = Field(default=120.0, gt=0.0, le=86_400.0)
+    #: how often the publisher looks for new outbox rows when the writer did not wake it
+    poll_seconds: float = Field(default=1.0, gt=0.0, le=60.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _enabled_by_url(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "enabled" not in data:
+            data = {**data, "enabled": bool(data.get("broker_url"))}
+        return data
+
+    @field_validator("broker_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError("expected mqtt://host:port or mqtts://host:port (TLS)")
+        try:
+            parts.port  # noqa: B018 -- raises on a port that is not a number in range
+        except ValueError as err:
+            raise ValueError(f"bad port: {err}") from None
+        if not parts.hostname:
+            raise ValueError("no host; expected mqtt://host:port or mqtts://host:port")
+        if parts.path not in ("", "/") or parts.query or parts.username or parts.password:
+            raise ValueError("expected only scheme, host and port (put the user in "
+                             "sync.username and the password in sync.password_file)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SyncConfig:
+        if self.enabled and not self.broker_url:
+            raise ValueError("sync.enabled is true but sync.broker_url is not set")
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("set sync.password or sync.password_file, not both")
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("sync.certfile and sync.keyfile go together (client certificate)")
+        tls_given = self.ca_certs or self.certfile
+        if tls_given and self.broker_url and not self.tls:
+            raise ValueError(f"TLS files are set but sync.broker_url {self.broker_url!r} is "
+                             "not mqtts://")
+        if self.backoff_cap_seconds < self.backoff_base_seconds:
+            raise ValueError(f"sync.backoff_cap_seconds {self.backoff_cap_seconds} is below "
+                             f"sync.backoff_base_seconds {self.backoff_base_seconds}")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.broker_url is not None and self.broker_url.startswith("mqtts:")
+
+    @property
+    def host(self) -> str:
+        assert self.broker_url is not None
+        return urlsplit(self.broker_url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        assert self.broker_url is not None
+        return urlsplit(self.broker_url).port or (8883 if self.tls else 1883)
+
+    def password_text(self) -> str | None:
+        """The password, read from ``password_file`` when that is set (ConfigError if not
+        readable)."""
+        if self.password is not None:
+            return self.password.get_secret_value()
+        if self.password_file is None:
+            return None
+        try:
+            text = self.password_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"config key sync.password_file = '{self.password_file}': cannot "
+                              f"read it ({err})") from err
+        lines = text.splitlines()
+        return lines[0] if lines else ""
+
+
 class AgentConfig(_Section):
     device_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128)
     data_dir: Path
@@ -109,12 +249,18 @@ class AgentConfig(_Section):
     telemetry: TelemetryConfig = TelemetryConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     swap: SwapConfig = SwapConfig()
+    sync: SyncConfig = SyncConfig()
+    #: the device's labels for fleet selectors, e.g. {site = "a"} (sent in its state message)
+    tags: Tags = Field(default_factory=dict)
 
     @field_validator("device_id")
     @classmethod
     def _device_id(cls, v: str) -> str:
-        if not all(c.isalnum() or c in "-_." for c in v):
-            raise ValueError("may hold only letters, digits, '-', '_' and '.'")
+        # one MQTT topic level and a safe folder name on the hub (fleet_protocol.topics)
+        if not all(c.isascii() and (c.isalnum() or c in "-_.") for c in v) or v in (".", ".."):
+            raise ValueError("may hold only ASCII letters, digits, '-', '_' and '.' (not '.' "
+                             "or '..')")
+        topics.check_device_id(v)
         return v
 
     @property
@@ -148,7 +294,8 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
             if not isinstance(section, dict):
                 raise ConfigError(f"{name}: {part!r} is not a section")
             target = section
-        target[path[-1]] = _env_value(raw)
+        # names and secrets stay text even when they look like numbers ("0042", "1e5")
+        target[path[-1]] = raw if path[-1] in _TEXT_KEYS else _env_value(raw)
 
 
 def load_config(path: str | Path | None = None,
@@ -172,7 +319,10 @@ def load_config(path: str | Path | None = None,
         first = err.errors()[0]
         key = ".".join(str(part) for part in first["loc"]) or "(root)"
         value = first.get("input")
-        shown = "" if first["type"] == "missing" else f" = {value!r:.80}"
+        secret = any("password" in str(part) for part in first["loc"])
+        # a section's own checks name their keys in the message; its dict may hold a password
+        shown = ("" if first["type"] == "missing" or secret or isinstance(value, dict)
+                 else f" = {value!r:.80}")
         raise ConfigError(
             f"config key {key}{shown}: {first['msg']}"
             + (f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else "")

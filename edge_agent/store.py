@@ -1,10 +1,14 @@
-"""The agent's SQLite database: slots, telemetry windows, predictions, feedback, events.
+"""The agent's SQLite database: slots, telemetry windows, predictions, feedback, events, outbox.
 
 WAL with ``synchronous=FULL``: a commit survives a power cut once it returns (FIELD-NOTES:
 "Durability facts"). The writer thread commits in batches, so FULL costs little. At open the file
 gets ``PRAGMA quick_check``; a corrupt file is moved aside (``agent.db.corrupt-<time>``) and a
 new one started, rather than crash-looping on it. The schema is versioned with sqlite-utils
 ``Migrations``; nothing here stores raw inputs unless sampling is switched on.
+
+With ``outbox_quota_bytes`` set (sync configured), every closed window, event and sample is also
+written to the outbox (:mod:`edge_agent.outbox`) in the same transaction, and the quota is
+enforced before that transaction commits.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, MutableMapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,7 @@ import numpy as np
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
+from edge_agent import outbox
 from edge_agent.errors import StoreError
 from edge_agent.onnx_guard import OnnxSummary
 
@@ -70,6 +76,29 @@ def m003_onnx_checks(db: Database) -> None:
     db.table("onnx_checks").create({"sha256": str, "summary": str}, pk="sha256")
 
 
+@migrations()
+def m004_outbox(db: Database) -> None:
+    # edge_agent.outbox: items waiting for the hub's receipt, the batches (seqs) formed from
+    # them, drop counters, and one row of totals that triggers keep exact.
+    db.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY, kind TEXT NOT NULL, "
+               "priority INTEGER NOT NULL, item TEXT NOT NULL, size INTEGER NOT NULL, "
+               "created_at REAL NOT NULL, batch_seq INTEGER)")
+    db.execute("CREATE INDEX outbox_batch_id ON outbox (batch_seq, id)")
+    db.execute("CREATE INDEX outbox_batch_priority ON outbox (batch_seq, priority, id)")
+    db.execute("CREATE TABLE outbox_batches (seq INTEGER PRIMARY KEY, message_id TEXT NOT NULL,"
+               " created_at REAL NOT NULL, items INTEGER NOT NULL)")
+    db.execute("CREATE TABLE outbox_drops (kind TEXT PRIMARY KEY, pending INTEGER NOT NULL, "
+               "total INTEGER NOT NULL, last_at REAL)")
+    db.execute("CREATE TABLE outbox_meta (id INTEGER PRIMARY KEY CHECK (id = 1), "
+               "rows INTEGER NOT NULL, bytes INTEGER NOT NULL, last_seq INTEGER NOT NULL, "
+               "last_receipt_seq INTEGER NOT NULL, last_receipt_at REAL)")
+    db.execute("INSERT INTO outbox_meta VALUES (1, 0, 0, 0, 0, NULL)")
+    db.execute("CREATE TRIGGER outbox_added AFTER INSERT ON outbox BEGIN UPDATE outbox_meta "
+               "SET rows = rows + 1, bytes = bytes + new.size WHERE id = 1; END")
+    db.execute("CREATE TRIGGER outbox_removed AFTER DELETE ON outbox BEGIN UPDATE outbox_meta "
+               "SET rows = rows - 1, bytes = bytes - old.size WHERE id = 1; END")
+
+
 @dataclass(frozen=True)
 class SlotRecord:
     slot: str
@@ -114,6 +143,17 @@ class WriteBatch:
                     or self.events)
 
 
+_UPSERT_WINDOW = (
+    "INSERT INTO windows (start, end, model_name, model_version, slot, closed, layout, inputs, "
+    "outputs, metrics, rows, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (start, "
+    "model_name, model_version) DO UPDATE SET end=excluded.end, slot=excluded.slot, "
+    "closed=excluded.closed, layout=excluded.layout, inputs=excluded.inputs, "
+    "outputs=excluded.outputs, metrics=excluded.metrics, rows=excluded.rows, "
+    "updated_at=excluded.updated_at WHERE windows.closed = 0")
+_INSERT_SAMPLE = ("INSERT OR IGNORE INTO samples (prediction_id, ts, model_version, inputs) "
+                  "VALUES (?,?,?,?)")
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
     conn.execute("PRAGMA busy_timeout = 10000")
@@ -124,10 +164,12 @@ class AgentStore:
     """One SQLite file per agent; safe to share between the writer thread and readers."""
 
     def __init__(self, path: str | Path, *, keep_predictions: int = 100_000,
-                 keep_windows: int = 2016) -> None:
+                 keep_windows: int = 2016, outbox_quota_bytes: int | None = None) -> None:
         self.path = Path(path)
         self.keep_predictions = keep_predictions
         self.keep_windows = keep_windows
+        #: None: nothing goes to the outbox (sync is off)
+        self.outbox_quota_bytes = outbox_quota_bytes
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.quarantined: Path | None = None
@@ -167,6 +209,18 @@ class AgentStore:
         with self._lock:
             self.db.conn.close()
 
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """The connection inside one transaction, under the store's lock (commits on exit)."""
+        with self._lock, self.db.atomic():
+            yield self.db.conn
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        """The connection under the store's lock, for reads."""
+        with self._lock:
+            yield self.db.conn
+
     # --- slots -----------------------------------------------------------------------------
 
     def slots(self) -> dict[str, SlotRecord]:
@@ -179,6 +233,7 @@ class AgentStore:
             self.db.table("slots").upsert(record.__dict__, pk="slot")
             if event is not None:
                 self._event(time.time(), event[0], event[1])
+                self._outbox_quota()
 
     def delete_slot(self, slot: str) -> None:
         with self._lock, self.db.atomic():
@@ -205,16 +260,26 @@ class AgentStore:
                 "updated_at = excluded.updated_at", [json.dumps(state, sort_keys=True), now])
             for kind, detail in events:
                 self._event(now, kind, detail)
+            if events:
+                self._outbox_quota()
 
     # --- writes ----------------------------------------------------------------------------
 
     def _event(self, ts: float, kind: str, detail: dict[str, Any]) -> None:
         self.db.execute("INSERT INTO events (ts, kind, detail) VALUES (?, ?, ?)",
                         [ts, kind, json.dumps(detail, sort_keys=True)])
+        if self.outbox_quota_bytes is not None:
+            outbox.insert(self.db.conn, [outbox.event_item(ts, kind, detail)], time.time())
+
+    def _outbox_quota(self) -> None:
+        """Last step of every transaction that added outbox rows."""
+        if self.outbox_quota_bytes is not None:
+            outbox.enforce_quota(self.db.conn, self.outbox_quota_bytes, time.time())
 
     def record_event(self, kind: str, detail: dict[str, Any]) -> None:
         with self._lock, self.db.atomic():
             self._event(time.time(), kind, detail)
+            self._outbox_quota()
 
     def write(self, batch: WriteBatch) -> None:
         """Commit one batch atomically (one fsync under synchronous=FULL)."""
@@ -222,18 +287,20 @@ class AgentStore:
             return
         with self._lock, self.db.atomic():
             conn = self.db.conn
+            sync = self.outbox_quota_bytes is not None
             if batch.windows:
-                conn.executemany(
-                    "INSERT INTO windows (start, end, model_name, model_version, slot, closed, "
-                    "layout, inputs, outputs, metrics, rows, updated_at) VALUES "
-                    "(?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (start, model_name, model_version) "
-                    "DO UPDATE SET end=excluded.end, slot=excluded.slot, closed=excluded.closed,"
-                    " layout=excluded.layout, inputs=excluded.inputs, outputs=excluded.outputs,"
-                    " metrics=excluded.metrics, rows=excluded.rows, "
-                    "updated_at=excluded.updated_at WHERE windows.closed = 0",
-                    [(w.start, w.end, w.model_name, w.model_version, w.slot, int(w.closed),
-                      w.layout, w.inputs, w.outputs, json.dumps(w.metrics, sort_keys=True),
-                      w.rows, w.updated_at) for w in batch.windows])
+                rows = [(w.start, w.end, w.model_name, w.model_version, w.slot, int(w.closed),
+                         w.layout, w.inputs, w.outputs, json.dumps(w.metrics, sort_keys=True),
+                         w.rows, w.updated_at) for w in batch.windows]
+                if not sync:
+                    conn.executemany(_UPSERT_WINDOW, rows)
+                else:
+                    # a window closing now (inserted closed, or an open one updated to closed)
+                    # changes one row; a window closed before is left alone and changes none
+                    for w, row in zip(batch.windows, rows, strict=True):
+                        changed = conn.execute(_UPSERT_WINDOW, row).rowcount
+                        if w.closed and changed == 1:
+                            outbox.insert(conn, [outbox.window_item(w)], time.time())
             if batch.predictions:
                 conn.executemany(
                     "INSERT OR IGNORE INTO predictions (boot, first, n, ts, model_name, "
@@ -242,10 +309,14 @@ class AgentStore:
                 conn.executemany(
                     "INSERT OR IGNORE INTO feedback (prediction_id, ts, label, model_version, "
                     "correct, residual) VALUES (?,?,?,?,?,?)", batch.feedback)
-            if batch.samples:
-                conn.executemany(
-                    "INSERT OR IGNORE INTO samples (prediction_id, ts, model_version, inputs) "
-                    "VALUES (?,?,?,?)", batch.samples)
+            if batch.samples and not sync:
+                conn.executemany(_INSERT_SAMPLE, batch.samples)
+            elif batch.samples:
+                for sample in batch.samples:
+                    if conn.execute(_INSERT_SAMPLE, sample).rowcount == 1:
+                        item = outbox.sample_item(*sample)
+                        if item is not None:
+                            outbox.insert(conn, [item], time.time())
             for ts, kind, detail in batch.events:
                 self._event(ts, kind, detail)
             if batch.predictions:
@@ -257,6 +328,8 @@ class AgentStore:
                     "DELETE FROM windows WHERE closed = 1 AND start < (SELECT start FROM windows"
                     " WHERE closed = 1 ORDER BY start DESC LIMIT 1 OFFSET ?)",
                     [self.keep_windows])
+            if sync and (batch.windows or batch.samples or batch.events):
+                self._outbox_quota()
 
     # --- reads -----------------------------------------------------------------------------
 
