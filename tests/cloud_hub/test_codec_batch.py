@@ -1,0 +1,53 @@
+"""codec.decode_counts_batch (the rollups' decoder) agrees with decode_sketch one by one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fleet_protocol import codec
+from fleet_protocol.errors import CodecError
+from fleet_protocol.sketch import FeatureLayout, Sketch, SketchLayout
+from tests.cloud_hub import fleet
+
+LAYOUT = SketchLayout((
+    FeatureLayout("x", "numeric", edges=tuple(float(e) for e in range(40))),
+    FeatureLayout("c", "categorical", categories=("a", "b", "c")),
+    FeatureLayout("y", "numeric", edges=(0.0, 1.0)),
+))
+DIMS = (LAYOUT.total_slots, LAYOUT.n_features, 2)
+
+
+@settings(max_examples=50)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 40),
+       rows=st.integers(0, 100_000), missing=st.integers(0, 300))
+def test_batch_decode_equals_one_by_one(seed: int, n: int, rows: int, missing: int) -> None:
+    """Counts and missing of many sketches (small and multi-byte varints) decoded at once."""
+    rng = np.random.default_rng(seed)
+    sketches = [fleet.sketch(LAYOUT, rng, int(rng.integers(0, rows + 1)),
+                             tilt=float(rng.normal()), missing=missing) for _ in range(n)]
+    data = [s.to_bytes() for s in sketches]
+    counts, miss = codec.decode_counts_batch(data, LAYOUT.fingerprint(), *DIMS)
+    assert counts.shape == (n, LAYOUT.total_slots) and miss.shape == (n, LAYOUT.n_features)
+    for i, raw in enumerate(data):
+        one = Sketch.from_bytes(LAYOUT, raw)
+        assert np.array_equal(counts[i], one.counts) and np.array_equal(miss[i], one.missing)
+
+
+def test_batch_decode_names_the_sketch_that_does_not_fit() -> None:
+    rng = np.random.default_rng(0)
+    good = [fleet.sketch(LAYOUT, rng, 50).to_bytes() for _ in range(3)]
+    other = fleet.sketch(fleet.TOY_IN, rng, 50).to_bytes()
+    with pytest.raises(CodecError, match="sketch 1 of the batch is not a sketch of layout"):
+        codec.decode_counts_batch([good[0], other, good[2]], LAYOUT.fingerprint(), *DIMS)
+    # one varint moved from one sketch's counts to the next one's: totals match, parts do not
+    head = good[0][:13]  # magic, version, fingerprint, three one-byte lengths
+    moments = good[0][-80:]
+
+    def body(n_counts: int) -> bytes:
+        return head + codec.encode_uvarints(np.full(n_counts + 3, 300)) + moments
+
+    with pytest.raises(CodecError, match="sketch 0 of the batch does not hold exactly 51"):
+        codec.decode_counts_batch([body(47), body(49)], LAYOUT.fingerprint(), *DIMS)
