@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["BrokerError", "MosquittoProcess", "find_mosquitto", "free_port", "wait_listening"]
+__all__ = ["BrokerError", "MosquittoProcess", "adapt_conf", "find_mosquitto", "free_port",
+           "wait_listening"]
 
 INSTALL_HINT = ("install it: 'sudo apt-get install mosquitto' (Debian, Ubuntu, Raspberry Pi OS) "
                 "or run scripts/setup, which does it where it can")
@@ -32,6 +33,12 @@ INSTALL_HINT = ("install it: 'sudo apt-get install mosquitto' (Debian, Ubuntu, R
 
 class BrokerError(RuntimeError):
     """The broker could not be found, started or stopped."""
+
+
+def _user_name() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
 
 
 def find_mosquitto() -> str:
@@ -68,11 +75,17 @@ class MosquittoProcess:
     ``extra_conf`` lines are appended to the generated config (ACL files, password files,
     ``max_queued_messages``...). ``allow_anonymous`` defaults to True because a private
     loopback broker for a test or the demo has no users; the production config refuses them.
+
+    ``conf`` replaces the generated config with a whole one (``extra_conf`` still appended), for
+    running a real config file such as devices/mosquitto/mosquitto.conf; it must listen on
+    ``host:port`` and keep its persistence in ``workdir``. :func:`adapt_conf` rewrites a
+    production config that way.
     """
 
     def __init__(self, workdir: str | Path, *, port: int | None = None,
                  persistence: bool = True, allow_anonymous: bool = True,
-                 extra_conf: str = "", host: str = "127.0.0.1") -> None:
+                 extra_conf: str = "", host: str = "127.0.0.1",
+                 conf: str | None = None) -> None:
         self.binary = find_mosquitto()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -81,11 +94,16 @@ class MosquittoProcess:
         self.persistence = persistence
         self.allow_anonymous = allow_anonymous
         self.extra_conf = extra_conf
+        self.conf = conf
         self.conf_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _write_conf(self) -> None:
+        if self.conf is not None:
+            self.conf_path.write_text(self.conf.rstrip("\n") + "\n" + self.extra_conf + "\n",
+                                      encoding="utf-8")
+            return
         lines = [
             f"listener {self.port} {self.host}",
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
@@ -100,6 +118,10 @@ class MosquittoProcess:
             "log_type warning",
             "log_type notice",
             "connection_messages true",
+            # as root, Mosquitto switches to the `mosquitto` user and then cannot write its
+            # persistence into this (private, often 0700) folder: stay who started it
+            *([f"user {_user_name()}"] if os.geteuid() == 0 and not any(
+                line.split()[:1] == ["user"] for line in self.extra_conf.splitlines()) else []),
             self.extra_conf,
         ]
         self.conf_path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -164,3 +186,30 @@ class MosquittoProcess:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def adapt_conf(conf: str, *, workdir: str | Path, port: int, host: str = "127.0.0.1",
+               options: dict[str, str | Path] | None = None) -> str:
+    """A production config made runnable in ``workdir`` on ``host:port``, otherwise unchanged.
+
+    Its active ``listener`` lines become one plain listener on ``host:port`` (the commented TLS
+    block stays commented), ``persistence_location`` becomes ``workdir``, and each option in
+    ``options`` (``password_file``, ``acl_file``, ``user``...) takes the value given there,
+    in place of the config's line or appended when the config has none.
+    """
+    values = {k: str(v) for k, v in (options or {}).items()}
+    values["persistence_location"] = f"{Path(workdir)}/"
+    out: list[str] = [f"listener {port} {host}"]
+    seen: set[str] = set()
+    for line in conf.splitlines():
+        words = line.split()
+        option = words[0] if words and not words[0].startswith("#") else None
+        if option == "listener":
+            continue
+        if option in values:
+            out.append(f"{option} {values[option]}")
+            seen.add(option)
+        else:
+            out.append(line)
+    out += [f"{k} {v}" for k, v in values.items() if k not in seen]
+    return "\n".join(out) + "\n"

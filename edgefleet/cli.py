@@ -23,12 +23,15 @@ _COMMANDS = {
     "keys": ("compiler.cli:keys", "Manage Ed25519 signing keys."),
     "agent": ("edge_agent.cli:agent", "Run the device agent; status, drift, batch scoring."),
     "bench": ("edgefleet.bench:bench", "Run benchmarks (ratios against raw baselines)."),
+    "hub": ("cloud_hub.cli:hub", "Run the hub: MQTT ingestion, receipts; add bundles."),
+    "fleet": ("cloud_hub.cli_fleet:fleet", "Fleet drift, device registry and tags (hub)."),
     "demo": ("edgefleet.demo:demo", "Run the end-to-end demo."),
 }
 
 _ERROR_BASES = (
     ("compiler.errors", "CompileError"),
     ("edge_agent.errors", "AgentError"),
+    ("cloud_hub.errors", "CloudHubError"),
     ("fleet_protocol.errors", "ProtocolError"),
 )
 
