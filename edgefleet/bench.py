@@ -166,3 +166,34 @@ def agent_command(quick: bool) -> None:
     from edgefleet.bench_agent import agent_bench
 
     agent_bench(quick, click.echo)
+
+
+@bench.command("hub")
+@click.option("--messages", default=20_000, show_default=True, type=click.IntRange(min=100),
+              help="Telemetry messages per ingestion run.")
+@click.option("--devices", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--postgres-url", envvar="EDGEFLEET_TEST_POSTGRES_URL", default=None,
+              help="A PostgreSQL server for the PostgreSQL runs (a scratch database is made "
+                   "and dropped); default $EDGEFLEET_TEST_POSTGRES_URL, else skipped.")
+def hub_command(messages: int, devices: int, postgres_url: str | None) -> None:
+    """Hub ingestion vs a bare paho subscriber; bytes per device-hour vs CSV (issue 5)."""
+    from edgefleet.bench_hub import format_rows, hub_bench
+
+    rows = hub_bench(messages, devices, postgres_url, click.echo)
+    click.echo("")
+    for line in format_rows(rows):
+        click.echo(line)
+
+
+@bench.command("fleet-drift")
+@click.option("--devices", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--hours", default=24, show_default=True, type=click.IntRange(min=1))
+@click.option("--runs", default=7, show_default=True, type=click.IntRange(min=1))
+@click.option("--db", type=click.Path(path_type=Path), default=None,
+              help="Keep the database here (default: a temporary folder).")
+def fleet_drift_command(devices: int, hours: int, runs: int, db: Path | None) -> None:
+    """The fleet drift query over devices x hours of 5-minute windows x 16 features."""
+    from edgefleet.bench_fleet_drift import main
+
+    main(["--devices", str(devices), "--hours", str(hours), "--runs", str(runs)]
+         + (["--db", str(db)] if db else []))

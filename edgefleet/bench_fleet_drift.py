@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Benchmark the hub's fleet drift query (issue 5): 1,000 devices x 24 h of 5-minute windows
 x 16 features on SQLite, against the 300 ms target.
 
-    .venv/bin/python scripts/bench_fleet_drift.py [--devices 1000] [--hours 24] [--db PATH]
+    scripts/bench fleet-drift [--devices 1000] [--hours 24] [--db PATH]
 
 Steps, each timed: compile a real 16-feature bundle; tag the devices through real state
 messages (10 sites; the 100 devices of site s7 see brighter inputs); encode one envelope per
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -29,9 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 FEATURES = 16
 ROWS = 3000  # a 5-minute window at 10 predictions/s

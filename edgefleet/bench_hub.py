@@ -1,0 +1,376 @@
+"""`edgefleet bench hub`: the hub's ingestion rate against the transport's own limit (issue 5).
+
+One private Mosquitto on loopback; one load generator (a paho client publishing pre-encoded
+telemetry envelopes at QoS 1, each one closed 5-minute window of 16 feature sketches plus the
+agent's metrics, from many device ids); then, in turn and in the same run:
+
+- a bare paho subscriber that only counts the messages (the baseline: what one Python MQTT
+  client receives from this broker on this machine);
+- one hub worker storing into SQLite, then into PostgreSQL (when a URL is given);
+- two hub workers on one shared subscription, with the split between them.
+
+Each rate is messages / seconds from the first publish to the last message counted (or stored).
+The bytes a device sends per hour at 10 predictions/s are measured on a real agent with a
+simulated clock, against the same rows written as CSV.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["hub_bench", "make_envelopes", "publish_all"]
+
+FEATURES = 16
+ROWS_PER_WINDOW = 3000  # a 5-minute window at 10 predictions/s
+
+
+@dataclass(frozen=True)
+class Row:
+    figure: str
+    measured: str
+    target: str
+    ok: bool | None
+
+
+def _layouts(rng: np.random.Generator) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+    from fleet_protocol.sketch import FeatureLayout, SketchLayout
+
+    scale, loc = rng.uniform(0.5, 50, FEATURES), rng.uniform(-100, 100, FEATURES)
+    train = rng.normal(size=(20000, FEATURES)) * scale + loc
+    bins = np.linspace(0, 1, 17)
+    lay_in = SketchLayout(tuple(
+        FeatureLayout(f"feature_{j:02d}", "numeric", edges=tuple(np.quantile(train[:, j], bins)))
+        for j in range(FEATURES)))
+    lay_out = SketchLayout((
+        FeatureLayout("label", "categorical", categories=("low", "mid", "high")),
+        FeatureLayout("score", "numeric", edges=tuple(bins))))
+    return lay_in, lay_out, scale, loc
+
+
+def synthetic_window(rng: np.random.Generator, lay_in: Any, lay_out: Any, scale: np.ndarray,
+                     loc: np.ndarray, start: float, shift: float = 0.0) -> Any:
+    """One closed window as the agent writes it: real sketches of 3,000 rows, real metrics."""
+    from edge_agent.latency import LatencyHistogram
+    from fleet_protocol.messages import window_item_from
+    from fleet_protocol.sketch import Sketch
+
+    n = ROWS_PER_WINDOW
+    x = rng.normal(size=(n, FEATURES)) * scale + loc + shift * scale
+    s_in, s_out = Sketch.empty(lay_in), Sketch.empty(lay_out)
+    for j in range(FEATURES):
+        s_in.update_numeric(j, x[:, j])
+    s_out.update_codes(0, rng.integers(0, 3, n))
+    s_out.update_numeric(1, rng.beta(5, 2, n))
+    lat = LatencyHistogram()
+    lat.record_many(rng.lognormal(np.log(15), 0.4, n))
+    metrics = {
+        "requests": n, "rows": n, "rejected": 0, "errors": 0, "nonfinite_outputs": 0,
+        "latency_us": lat.to_dict(), "latency_p50_us": lat.quantile(0.5),
+        "latency_p95_us": lat.quantile(0.95), "latency_p99_us": lat.quantile(0.99),
+        "inputs": {ft.name: {"missing": 0,
+                             "out_of_range": int(s_in.feature_counts(j)[[0, -1]].sum())}
+                   for j, ft in enumerate(lay_in.features)},
+        "rss_bytes": 123_456_789,
+    }
+    return window_item_from(
+        model_name="bench", model_version="1.0.0", slot="blue", start=start, end=start + 300,
+        layout=f"{lay_in.fingerprint()}/{lay_out.fingerprint()}", inputs=s_in.to_bytes(),
+        outputs=s_out.to_bytes(), metrics=metrics, rows=n)
+
+
+def make_envelopes(n: int, devices: int, seed: int = 0) -> list[tuple[str, bytes]]:
+    """``n`` encoded telemetry envelopes (one window each) spread over ``devices`` ids.
+
+    A handful of distinct windows are built (sketching is not what is measured) and reused
+    under fresh (device, seq, message_id) each time, so every message is stored.
+    """
+    from fleet_protocol import topics
+    from fleet_protocol.messages import TelemetryEnvelope, encode, new_message_id
+
+    rng = np.random.default_rng(seed)
+    lay_in, lay_out, scale, loc = _layouts(rng)
+    t0 = 1_767_225_600.0
+    pool = [synthetic_window(rng, lay_in, lay_out, scale, loc, t0 + 300 * k) for k in range(8)]
+    seqs = [0] * devices
+    out: list[tuple[str, bytes]] = []
+    for i in range(n):
+        d = i % devices
+        seqs[d] += 1
+        device = f"bench-{d:04d}"
+        env = TelemetryEnvelope(
+            device_id=device, message_id=new_message_id(), seq=seqs[d], sent_at=t0 + i,
+            agent_version="0.1.0",
+            items=(pool[i % len(pool)].model_copy(update={"start": t0 + 300 * seqs[d],
+                                                          "end": t0 + 300 * seqs[d] + 300}),))
+        out.append((topics.telemetry(device), encode(env)))
+    return out
+
+
+def _client(client_id: str, *, clean: bool = True) -> Any:
+    import paho.mqtt.client as mqtt
+
+    return mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                       protocol=mqtt.MQTTv5)
+
+
+def publish_all(port: int, payloads: Sequence[tuple[str, bytes]], *,
+                inflight: int = 100) -> float:
+    """Publish every payload at QoS 1 (at most ``inflight`` unacknowledged); the start time."""
+    import paho.mqtt.client as mqtt
+
+    client = _client(f"bench-load-{os.getpid()}")
+    client.max_inflight_messages_set(inflight)
+    client.max_queued_messages_set(0)
+    connected = threading.Event()
+    client.on_connect = lambda *_a: connected.set()
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    if not connected.wait(10):
+        raise RuntimeError("load generator could not connect")
+    slots = threading.Semaphore(inflight * 4)
+    client.on_publish = lambda *_a: slots.release()
+    t0 = time.perf_counter()
+    last = None
+    for topic, payload in payloads:
+        slots.acquire()
+        last = client.publish(topic, payload, qos=1)
+        if last.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise RuntimeError(f"publish failed: {mqtt.error_string(last.rc)}")
+    if last is not None:
+        last.wait_for_publish(60)
+    client.loop_stop()
+    client.disconnect()
+    return t0
+
+
+def bare_subscriber_rate(port: int, payloads: Sequence[tuple[str, bytes]]) -> float:
+    """Messages/s a paho subscriber that only counts them receives (QoS 1)."""
+    done = threading.Event()
+    count = [0]
+    t_last = [0.0]
+    n = len(payloads)
+
+    def on_message(_c: Any, _u: Any, _msg: Any) -> None:
+        count[0] += 1
+        if count[0] == n:
+            t_last[0] = time.perf_counter()
+            done.set()
+
+    sub = _client("bench-bare")
+    subscribed = threading.Event()
+    sub.on_message = on_message
+    sub.on_subscribe = lambda *_a: subscribed.set()
+    sub.on_connect = lambda c, *_a: c.subscribe("edgefleet/v1/+/telemetry", qos=1)
+    sub.connect("127.0.0.1", port)
+    sub.loop_start()
+    if not subscribed.wait(10):
+        raise RuntimeError("bare subscriber could not subscribe")
+    t0 = publish_all(port, payloads)
+    if not done.wait(300):
+        raise RuntimeError(f"bare subscriber got {count[0]} of {n} messages")
+    sub.loop_stop()
+    sub.disconnect()
+    return n / (t_last[0] - t0)
+
+
+def _wait(cond: Callable[[], bool], timeout: float, what: str) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return time.perf_counter()
+        time.sleep(0.01)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def hub_rate(port: int, payloads: Sequence[tuple[str, bytes]], store_urls: Sequence[str],
+             *, group: str) -> tuple[float, list[int]]:
+    """Messages/s stored by one hub worker per store URL (shared subscription), and the split."""
+    from cloud_hub.store import HubStore
+    from cloud_hub.worker import HubWorker
+
+    stores = [HubStore(url) for url in store_urls]
+    workers = [HubWorker(store, broker_url=f"mqtt://127.0.0.1:{port}", group=group,
+                         client_id=f"bench-hub-{group}-{i}")
+               for i, store in enumerate(stores)]
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.wait_subscribed(10)
+        n = len(payloads)
+        t0 = publish_all(port, payloads)
+
+        def stored() -> int:
+            return sum(int(w.stats()["stored"]) for w in workers)
+
+        t_end = _wait(lambda: stored() >= n, 600, f"{n} messages stored")
+        split = [int(w.stats()["stored"]) for w in workers]
+        return n / (t_end - t0), split
+    finally:
+        for w in workers:
+            w.stop()
+        for s in stores:
+            s.close()
+
+
+def bytes_per_device_hour(folder: Path, rate: float = 10.0, window_seconds: float = 300.0,
+                          hours: float = 1.0) -> tuple[int, int, int]:
+    """(bytes a real agent sends in ``hours`` at ``rate`` predictions/s, the same inputs as CSV,
+    messages sent), per hour.
+
+    A real Agent with sync on (outbox written; the publisher replaced by this loop) serves a
+    16-feature logistic bundle on a simulated clock: one prediction every 1/rate s, a flush
+    every simulated second, and — as the publisher does while online — every row the outbox
+    holds after a flush is formed into a batch, encoded and counted (payload plus the MQTT
+    PUBLISH header and topic; receipts coming back are not counted).
+    """
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+
+    from compiler.compile import CompileOptions, compile_bundle
+    from compiler.data import dataset_from_arrays
+    from compiler.signing import generate_keys, load_private_key
+    from edge_agent.agent import Agent
+    from edge_agent.config import AgentConfig, SyncConfig, TelemetryConfig
+    from edge_agent.outbox import Outbox
+    from fleet_protocol import topics
+
+    X, y = make_classification(n_samples=6000, n_features=FEATURES, n_informative=8,
+                               random_state=0)
+    X = X.astype(np.float32)
+    keys = generate_keys(folder / "keys")
+    bundle = compile_bundle(
+        LogisticRegression(max_iter=1000).fit(X[:4000], y[:4000]),
+        dataset_from_arrays(X[:4000], y[:4000]),
+        dataset_from_arrays(X[4000:5000], y[4000:5000], require_labels=True),
+        name="bytes", version="1.0.0", signing_key=load_private_key(keys.private_path),
+        output=folder, options=CompileOptions(latency_runs=20, resamples=100))
+    now = [1_767_225_600.0]
+    device = "pi-0017"
+    config = AgentConfig(
+        device_id=device, data_dir=folder / "agent", trusted_keys=(keys.public_path,),
+        bundle=bundle.path, telemetry=TelemetryConfig(window_seconds=window_seconds),
+        sync=SyncConfig(broker_url="mqtt://127.0.0.1:1"))
+    agent = Agent(config, clock=lambda: now[0], start_writer=False, start_sync=False)
+    outbox = Outbox(agent.store, max_inflight=10_000, clock=lambda: now[0])
+    topic = topics.telemetry(device)
+    rng = np.random.default_rng(1)
+    n = int(hours * 3600 * rate)
+    rows = X[5000:][rng.integers(0, 1000, n)]
+    sent = messages = 0
+
+    def send_all() -> None:
+        nonlocal sent, messages
+        while (batch := outbox.form_batch()) is not None:
+            payload = batch.payload(device, "0.1.0", now[0])
+            # PUBLISH: fixed header (1 + 2-4 length bytes) + topic length + topic + packet id
+            sent += len(payload) + 1 + 3 + 2 + len(topic) + 2
+            messages += 1
+            outbox.apply_receipt(batch.seq)
+
+    send_all()  # what starting up reports (model installed): part of any hour's traffic
+    start_bytes, start_messages = sent, messages
+    sent = messages = 0
+    per_flush = int(rate)
+    try:
+        for i in range(0, n, per_flush):
+            for row in rows[i:i + per_flush]:
+                agent.predict(row)
+                now[0] += 1.0 / rate
+            agent.flush()
+            send_all()
+        agent.flush(close_all=True)
+        send_all()
+    finally:
+        agent.close()
+    csv = io.StringIO()
+    csv.write(",".join(f.name for f in bundle.manifest.inputs) + "\n")
+    for row in rows:
+        csv.write(",".join(f"{v:.7g}" for v in row) + "\n")
+    raw = len(csv.getvalue().encode())
+    del start_bytes, start_messages
+    return int(sent / hours), int(raw / hours), int(messages / hours)
+
+
+def _fmt_rate(r: float) -> str:
+    return f"{r:,.0f} msg/s"
+
+
+def hub_bench(messages: int, devices: int, postgres_url: str | None,
+              echo: Callable[[str], None]) -> list[Row]:
+    from cloud_hub.mosquitto import MosquittoProcess
+
+    rows: list[Row] = []
+    echo(f"hub ingestion benchmark: {messages} telemetry messages (one 5-minute window of "
+         f"{FEATURES} feature sketches + metrics each) from {devices} devices, QoS 1, private "
+         "Mosquitto on loopback; load average "
+         f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    for window in (300.0, 3600.0):
+        with tempfile.TemporaryDirectory(prefix="edgefleet-bench-bytes-") as tmp:
+            sent, raw, n_msgs = bytes_per_device_hour(Path(tmp), window_seconds=window)
+        label = f"{window / 60:g}-minute windows"
+        rows.append(Row(f"bytes per device-hour at 10 pred/s, {label}",
+                        f"{sent:,} B in {n_msgs} messages vs CSV {raw:,} B = "
+                        f"{raw / sent:,.0f}x fewer", ">= 1000x", raw / sent >= 1000))
+        echo(f"  bytes per device-hour, {label}: {sent:,} B sent vs {raw:,} B of CSV")
+    payloads = make_envelopes(messages, devices)
+    sizes = [len(p) for _, p in payloads]
+    echo(f"  message size {int(np.mean(sizes))} B on the wire (zlib)")
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-hub-") as tmp:
+        folder = Path(tmp)
+        with MosquittoProcess(folder / "broker", persistence=False) as broker:
+            base = bare_subscriber_rate(broker.port, payloads)
+            echo(f"  bare paho subscriber: {_fmt_rate(base)}")
+            # fresh device ids for every run: each store starts empty anyway
+            sqlite_rate, _ = hub_rate(broker.port, payloads,
+                                      [f"sqlite:///{folder / 'hub1.db'}"], group="one")
+            echo(f"  hub, one worker, SQLite: {_fmt_rate(sqlite_rate)}")
+            rows.append(Row("ingest 1 worker SQLite / bare subscriber",
+                            f"{_fmt_rate(sqlite_rate)} / {_fmt_rate(base)} = "
+                            f"{sqlite_rate / base:.2f}x", ">= 0.7x", sqlite_rate / base >= 0.7))
+            if postgres_url:
+                from cloud_hub.pgtest import fresh_database
+
+                with fresh_database(postgres_url) as url:
+                    pg_rate, _ = hub_rate(broker.port, payloads, [url], group="pg")
+                rows.append(Row("ingest 1 worker PostgreSQL / bare subscriber",
+                                f"{_fmt_rate(pg_rate)} / {_fmt_rate(base)} = "
+                                f"{pg_rate / base:.2f}x", "-", None))
+                echo(f"  hub, one worker, PostgreSQL: {_fmt_rate(pg_rate)}")
+                with fresh_database(postgres_url) as url:
+                    two_rate, split = hub_rate(broker.port, payloads, [url, url], group="two")
+                share = [s / sum(split) for s in split]
+                rows.append(Row("ingest 2 workers PostgreSQL, split",
+                                f"{_fmt_rate(two_rate)}; {split[0]} / {split[1]} = "
+                                f"{share[0]:.0%} / {share[1]:.0%}", "40-60% each",
+                                all(0.4 <= s <= 0.6 for s in share) and sum(split) == messages))
+            two_sqlite, split = hub_rate(broker.port, payloads,
+                                         [f"sqlite:///{folder / 'hub2.db'}"] * 2, group="twos")
+            share = [s / sum(split) for s in split]
+            rows.append(Row("ingest 2 workers SQLite, split",
+                            f"{_fmt_rate(two_sqlite)}; {split[0]} / {split[1]} = "
+                            f"{share[0]:.0%} / {share[1]:.0%}", "40-60% each",
+                            all(0.4 <= s <= 0.6 for s in share) and sum(split) == messages))
+    return rows
+
+
+def format_rows(rows: Sequence[Row]) -> list[str]:
+    w_fig = max(len(r.figure) for r in rows)
+    w_mea = max(len(r.measured) for r in rows)
+    out = [f"{'figure':<{w_fig}}  {'measured':<{w_mea}}  {'target':<12}  result"]
+    for r in rows:
+        result = "-" if r.ok is None else "pass" if r.ok else "FAIL"
+        out.append(f"{r.figure:<{w_fig}}  {r.measured:<{w_mea}}  {r.target:<12}  {result}")
+    return out
+
+
