@@ -153,7 +153,45 @@ def publish_all(port: int, payloads: Sequence[tuple[str, bytes]], *,
     return t0
 
 
-def bare_subscriber_rate(port: int, payloads: Sequence[tuple[str, bytes]]) -> float:
+def save_payloads(payloads: Sequence[tuple[str, bytes]], path: Path) -> Path:
+    """Write payloads for the load-generator process (length-prefixed topic and payload)."""
+    with path.open("wb") as out:
+        for topic, payload in payloads:
+            t = topic.encode()
+            out.write(len(t).to_bytes(2, "big") + t + len(payload).to_bytes(4, "big") + payload)
+    return path
+
+
+def _load_payloads(path: Path) -> list[tuple[str, bytes]]:
+    data = path.read_bytes()
+    out, i = [], 0
+    while i < len(data):
+        n = int.from_bytes(data[i:i + 2], "big")
+        topic = data[i + 2:i + 2 + n].decode()
+        i += 2 + n
+        m = int.from_bytes(data[i:i + 4], "big")
+        out.append((topic, data[i + 4:i + 4 + m]))
+        i += 4 + m
+    return out
+
+
+def publish_in_process(port: int, payload_file: Path) -> float:
+    """Run the load generator as its own process (as a fleet is): its CPU and GIL are not the
+    receiver's. Returns the time.perf_counter() at which it started publishing (same clock:
+    CLOCK_MONOTONIC, shared by processes on Linux)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "edgefleet.bench_hub", "publish", str(port),
+                           str(payload_file)], capture_output=True, text=True, timeout=900,
+                          check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed: {proc.stderr[-2000:]}")
+    return float(proc.stdout.split()[-1])
+
+
+def bare_subscriber_rate(port: int, payloads: Sequence[tuple[str, bytes]],
+                         payload_file: Path) -> float:
     """Messages/s a paho subscriber that only counts them receives (QoS 1)."""
     done = threading.Event()
     count = [0]
@@ -175,7 +213,7 @@ def bare_subscriber_rate(port: int, payloads: Sequence[tuple[str, bytes]]) -> fl
     sub.loop_start()
     if not subscribed.wait(10):
         raise RuntimeError("bare subscriber could not subscribe")
-    t0 = publish_all(port, payloads)
+    t0 = publish_in_process(port, payload_file)
     if not done.wait(300):
         raise RuntimeError(f"bare subscriber got {count[0]} of {n} messages")
     sub.loop_stop()
@@ -192,8 +230,8 @@ def _wait(cond: Callable[[], bool], timeout: float, what: str) -> float:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def hub_rate(port: int, payloads: Sequence[tuple[str, bytes]], store_urls: Sequence[str],
-             *, group: str) -> tuple[float, list[int]]:
+def hub_rate(port: int, payloads: Sequence[tuple[str, bytes]], payload_file: Path,
+             store_urls: Sequence[str], *, group: str) -> tuple[float, list[int]]:
     """Messages/s stored by one hub worker per store URL (shared subscription), and the split."""
     from cloud_hub.store import HubStore
     from cloud_hub.worker import HubWorker
@@ -208,7 +246,7 @@ def hub_rate(port: int, payloads: Sequence[tuple[str, bytes]], store_urls: Seque
         for w in workers:
             w.wait_subscribed(10)
         n = len(payloads)
-        t0 = publish_all(port, payloads)
+        t0 = publish_in_process(port, payload_file)
 
         def stored() -> int:
             return sum(int(w.stats()["stored"]) for w in workers)
@@ -329,10 +367,11 @@ def hub_bench(messages: int, devices: int, postgres_url: str | None,
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-hub-") as tmp:
         folder = Path(tmp)
         with MosquittoProcess(folder / "broker", persistence=False) as broker:
-            base = bare_subscriber_rate(broker.port, payloads)
+            pfile = save_payloads(payloads, folder / "payloads.bin")
+            base = bare_subscriber_rate(broker.port, payloads, pfile)
             echo(f"  bare paho subscriber: {_fmt_rate(base)}")
             # fresh device ids for every run: each store starts empty anyway
-            sqlite_rate, _ = hub_rate(broker.port, payloads,
+            sqlite_rate, _ = hub_rate(broker.port, payloads, pfile,
                                       [f"sqlite:///{folder / 'hub1.db'}"], group="one")
             echo(f"  hub, one worker, SQLite: {_fmt_rate(sqlite_rate)}")
             rows.append(Row("ingest 1 worker SQLite / bare subscriber",
@@ -342,19 +381,20 @@ def hub_bench(messages: int, devices: int, postgres_url: str | None,
                 from cloud_hub.pgtest import fresh_database
 
                 with fresh_database(postgres_url) as url:
-                    pg_rate, _ = hub_rate(broker.port, payloads, [url], group="pg")
+                    pg_rate, _ = hub_rate(broker.port, payloads, pfile, [url], group="pg")
                 rows.append(Row("ingest 1 worker PostgreSQL / bare subscriber",
                                 f"{_fmt_rate(pg_rate)} / {_fmt_rate(base)} = "
                                 f"{pg_rate / base:.2f}x", "-", None))
                 echo(f"  hub, one worker, PostgreSQL: {_fmt_rate(pg_rate)}")
                 with fresh_database(postgres_url) as url:
-                    two_rate, split = hub_rate(broker.port, payloads, [url, url], group="two")
+                    two_rate, split = hub_rate(broker.port, payloads, pfile, [url, url],
+                                               group="two")
                 share = [s / sum(split) for s in split]
                 rows.append(Row("ingest 2 workers PostgreSQL, split",
                                 f"{_fmt_rate(two_rate)}; {split[0]} / {split[1]} = "
                                 f"{share[0]:.0%} / {share[1]:.0%}", "40-60% each",
                                 all(0.4 <= s <= 0.6 for s in share) and sum(split) == messages))
-            two_sqlite, split = hub_rate(broker.port, payloads,
+            two_sqlite, split = hub_rate(broker.port, payloads, pfile,
                                          [f"sqlite:///{folder / 'hub2.db'}"] * 2, group="twos")
             share = [s / sum(split) for s in split]
             rows.append(Row("ingest 2 workers SQLite, split",
@@ -374,3 +414,12 @@ def format_rows(rows: Sequence[Row]) -> list[str]:
     return out
 
 
+
+
+if __name__ == "__main__":  # the load generator: python -m edgefleet.bench_hub publish PORT FILE
+    import sys
+
+    if sys.argv[1:2] != ["publish"]:
+        raise SystemExit("usage: python -m edgefleet.bench_hub publish PORT PAYLOAD_FILE")
+    started = publish_all(int(sys.argv[2]), _load_payloads(Path(sys.argv[3])))
+    print(f"{started!r}")

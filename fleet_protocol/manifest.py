@@ -11,6 +11,7 @@ fields this reader does not know is refused with the field's name rather than ha
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Annotated, Any, Literal
@@ -61,6 +62,14 @@ def parse_semver(version: str) -> tuple[int, int, int, tuple[str, ...]]:
 
     This tuple does not sort by precedence; use :func:`semver_key` to compare versions.
     """
+    if not isinstance(version, str):
+        raise ManifestError(f"version {version!r:.80} is not a semantic version (expected a "
+                            "string such as 1.2.0)")
+    return _parse_semver(version)
+
+
+@functools.lru_cache(maxsize=4096)  # a fleet runs few versions; the hub parses one per window
+def _parse_semver(version: str) -> tuple[int, int, int, tuple[str, ...]]:
     m = _SEMVER.match(version)
     if m is None:
         raise ManifestError(f"version {version!r} is not a semantic version (expected e.g. 1.2.0)")

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud_hub.errors import BundleNotFound, QueryError
-from cloud_hub.fleet_drift import HOUR, FleetDrift, fleet_drift
+from cloud_hub.fleet_drift import HOUR, STRONG_SCORE, FleetDrift, chance_limit, fleet_drift
 from cloud_hub.store import HubStore
 from fleet_protocol import codec
 from fleet_protocol import messages as msgs
@@ -95,7 +95,10 @@ def _check_equal(result: FleetDrift, manifest: BundleManifest, plain: dict[str, 
             assert (d.score, d.status, d.drifted) == (None, "insufficient", ())
         else:
             assert d.score == pytest.approx(max(ratios.values()), rel=1e-9)
-            assert d.status == ("drift" if max(ratios.values()) > 1 else "ok")
+            over = sum(1 for x in ratios.values() if x > 1)
+            assert d.judged == len(ratios)
+            assert d.status == ("drift" if over >= chance_limit(len(ratios))
+                                or max(ratios.values()) > STRONG_SCORE else "ok")
             assert d.drifted == tuple(sorted((f for f, x in ratios.items() if x > 1),
                                              key=lambda f: -ratios[f]))
 
