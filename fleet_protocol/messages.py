@@ -112,7 +112,7 @@ class MessageError(ProtocolError):
 
 
 def _text_ok(s: str, limit: int) -> bool:
-    if len(s) > limit:
+    if len(s) > limit or "\x00" in s:
         return False
     if s.isascii():
         return True
@@ -137,8 +137,7 @@ def _json_ok(value: Any, max_depth: int, max_values: int) -> bool:
             return False
         if type(container) is dict:
             for k in container:  # ASCII keys of sane length pass at once
-                if type(k) is not str or (not (k.isascii() and len(k) <= MAX_KEY_CHARS) and (
-                        not _text_ok(k, MAX_KEY_CHARS))):
+                if type(k) is not str or not _text_ok(k, MAX_KEY_CHARS):
                     return False
             items = container.values()
         else:
@@ -152,8 +151,7 @@ def _json_ok(value: Any, max_depth: int, max_values: int) -> bool:
                 if not -INT64_MAX - 1 <= v <= INT64_MAX:
                     return False
             elif t is str:
-                if not (v.isascii() and len(v) <= MAX_TEXT_CHARS) and not _text_ok(
-                        v, MAX_TEXT_CHARS):
+                if not _text_ok(v, MAX_TEXT_CHARS):
                     return False
             elif t is dict or t is list:
                 stack.append((v, depth + 1))
@@ -185,7 +183,7 @@ def _check_json(value: dict[str, Any], limits: tuple[int, int]) -> dict[str, Any
                     if not isinstance(k, str):
                         raise ValueError(f"{at}key {k!r} is not a string")
                     _check_text(k, MAX_KEY_CHARS, f"{at}key")
-                stack.append((item, f"{path}.{k}", depth + 1))
+                stack.append((item, f"{path}.{_printable(k)}", depth + 1))
         elif isinstance(v, str):
             _check_text(v, MAX_TEXT_CHARS, f"{at}string")
         elif v is None or isinstance(v, bool):
@@ -201,9 +199,18 @@ def _check_json(value: dict[str, Any], limits: tuple[int, int]) -> dict[str, Any
     return value
 
 
+def _printable(key: object) -> str:
+    """A key as it may appear in an error path: control characters escaped (a NUL in a reason
+    stored at the hub would fail on PostgreSQL text columns)."""
+    text = str(key)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
 def _check_text(s: str, limit: int, what: str = "string") -> str:
     if len(s) > limit:
         raise ValueError(f"{what} of {len(s)} characters, at most {limit} allowed")
+    if "\x00" in s:
+        raise ValueError(f"{what} contains a NUL character, which text may not hold")
     try:
         s.encode("utf-8")
     except UnicodeEncodeError as err:
@@ -604,7 +611,7 @@ def _error_text(err: ValidationError) -> tuple[str, str]:
     first = errors[0]
     loc = first["loc"]
     # drop the discriminator tag pydantic puts after an item index: items.0.window.rows
-    parts = [str(p) for i, p in enumerate(loc)
+    parts = [_printable(p) for i, p in enumerate(loc)
              if not (i == 2 and loc[0] == "items" and isinstance(loc[1], int) and p in ITEM_KINDS)]
     field = ".".join(parts) or "(root)"
     text = f"{field}: {first['msg']} (got {_short(first.get('input'))})"

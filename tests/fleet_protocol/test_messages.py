@@ -30,9 +30,11 @@ semvers = st.builds(lambda a, b, c: f"{a}.{b}.{c}", *(st.integers(0, 999),) * 3)
 model_names = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,63}", fullmatch=True)
 identifiers = st.from_regex(r"[A-Za-z0-9._:-]{1,128}", fullmatch=True)
 agent_versions = st.from_regex(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}", fullmatch=True)
-keys = st.text(max_size=12)
+#: any text but NUL, which protocol text may not hold (PostgreSQL text columns cannot)
+chars = st.characters(exclude_characters="\x00")
+keys = st.text(chars, max_size=12)
 scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
-           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20))
+           | st.floats(allow_nan=False, allow_infinity=False) | st.text(chars, max_size=20))
 
 
 def json_values(depth: int) -> SearchStrategy[Any]:
@@ -100,7 +102,7 @@ def unsigned_commands(draw: st.DrawFn) -> m.UnsignedCommand:
 commands = st.builds(lambda u, sig: u.signed(sig), unsigned_commands(),
                      st.binary(min_size=64, max_size=64))
 acks = st.builds(m.Ack, device_id=device_ids, command_id=identifiers,
-                 status=st.sampled_from(get_args(m.AckStatus)), reason=st.text(max_size=200),
+                 status=st.sampled_from(get_args(m.AckStatus)), reason=st.text(chars, max_size=200),
                  ts=timestamps)
 
 
@@ -597,3 +599,20 @@ def test_state_tags_are_bounded_labels() -> None:
         with pytest.raises(m.MessageError) as err:
             m.decode(raw, m.StateMessage)
         assert err.value.field is not None and err.value.field.startswith(field)
+
+
+def test_text_with_nul_is_refused_and_errors_escape_it() -> None:
+    """PostgreSQL text cannot hold NUL: a payload carrying one (in a metrics key or value, an
+    ack reason) is refused, and the error's path shows it escaped, never raw."""
+    bad_key = as_json(envelope())
+    bad_key["items"][0]["metrics"]["la\x00tency"] = 1
+    bad_value = as_json(envelope())
+    bad_value["items"][0]["metrics"]["note"] = "a\x00b"
+    for doc in (bad_key, bad_value):
+        with pytest.raises(m.MessageError) as err:
+            m.decode(json.dumps(doc).encode(), m.TelemetryEnvelope)
+        assert "NUL" in str(err.value) and "\x00" not in str(err.value)
+    ack = m.Ack(device_id="pi-1", command_id="c1", status="ok", reason="fine", ts=1.0)
+    raw = json.dumps({**ack.model_dump(mode="json"), "reason": "x\x00y"}).encode()
+    with pytest.raises(m.MessageError, match="NUL"):
+        m.decode(raw, m.Ack)
