@@ -14,7 +14,9 @@ transaction that upgrades to a writer fails at once with "database is locked" in
 waiting its ``busy_timeout``); reads begin deferred so they never block a writer.
 
 What the tables hold (see :data:`metadata`): ``devices`` (the registry, with per-device
-counters, updated under a row lock), ``envelopes`` (one row per stored (device, seq)),
+counters, updated under a row lock), ``streams`` (per device and outbox stream: up_to_seq and
+max_seq; a device whose database is reset starts a new stream), ``envelopes`` (one row per
+stored (device, stream, seq), refused ones as markers without items),
 ``windows``, ``events``, ``samples``, ``acks``, ``rejections``, ``conflicts``, ``bundles``, and
 the drift rollups of :mod:`cloud_hub.fleet_drift` (``rollups``: summed counts per device and
 aligned span of hours; ``rollup_dirty``: the hours ingestion changed since).
@@ -84,7 +86,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+#: 2: outbox streams (the ``streams`` table; envelopes keyed by (device, stream, seq); refused
+#: envelope markers). A version-1 database is refused at open: there was none deployed.
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 10.0
 #: a batch is retried this many times on a transient database error before HubStoreError
 WRITE_ATTEMPTS = 5
@@ -92,6 +96,7 @@ _ADVISORY_LOCK = 0x0EDF1EE7  # serialises create_all across hub workers on Postg
 
 _Id = BigInteger().with_variant(Integer, "sqlite")  # INTEGER PRIMARY KEY is the rowid
 _DEVICE = String(128)
+_STREAM = String(16)
 _TEXT_JSON = Text  # canonical JSON text: portable, and compared byte for byte in tests
 
 metadata = MetaData()
@@ -116,18 +121,35 @@ devices = Table(
     Column("health", _TEXT_JSON, nullable=False, default="{}"),
     Column("device_tags", _TEXT_JSON, nullable=False, default="{}"),
     Column("operator_tags", _TEXT_JSON, nullable=False, default="{}"),
-    #: highest telemetry seq stored with every seq below it (what receipts say)
+    #: the device's newest outbox stream (for display; ``streams`` holds every one)
+    Column("stream", _STREAM, nullable=True),
+    #: up_to_seq and max_seq of that stream (see ``streams``)
     Column("up_to_seq", BigInteger, nullable=False, default=0),
-    #: highest telemetry seq stored at all (above up_to_seq while a gap is open)
     Column("max_seq", BigInteger, nullable=False, default=0),
     Column("messages", BigInteger, nullable=False, default=0),
     Column("duplicates", BigInteger, nullable=False, default=0),
     Column("conflicts", BigInteger, nullable=False, default=0),
+    #: envelopes refused and kept as markers (their items are lost; see cloud_hub.ingest)
+    Column("refused", BigInteger, nullable=False, default=0),
+)
+
+#: one row per outbox stream of a device (a new one each time its database is reset)
+streams = Table(
+    "streams", metadata,
+    Column("device_id", _DEVICE, primary_key=True),
+    Column("stream", _STREAM, primary_key=True),
+    #: highest seq stored with every seq below it (what receipts say)
+    Column("up_to_seq", BigInteger, nullable=False, default=0),
+    #: highest seq stored at all (above up_to_seq while a gap is open)
+    Column("max_seq", BigInteger, nullable=False, default=0),
+    Column("first_seen", Double, nullable=False),
+    Column("last_seen", Double, nullable=False),
 )
 
 envelopes = Table(
     "envelopes", metadata,
     Column("device_id", _DEVICE, primary_key=True),
+    Column("stream", _STREAM, primary_key=True),
     Column("seq", BigInteger, primary_key=True, autoincrement=False),
     Column("message_id", String(36), nullable=False),
     Column("sent_at", Double, nullable=False),
@@ -135,12 +157,15 @@ envelopes = Table(
     Column("n_items", Integer, nullable=False),
     Column("agent_version", String(64), nullable=False),
     Column("worker", String(128), nullable=False, default=""),
+    #: why the hub refused this envelope (a marker holding no items), None when stored
+    Column("refused", Text, nullable=True),
 )
 
 windows = Table(
     "windows", metadata,
     Column("id", _Id, primary_key=True, autoincrement=True),
     Column("device_id", _DEVICE, nullable=False),
+    Column("stream", _STREAM, nullable=False),
     Column("seq", BigInteger, nullable=False),
     Column("model_name", String(64), nullable=False),
     Column("model_version", String(128), nullable=False),
@@ -160,6 +185,7 @@ events = Table(
     "events", metadata,
     Column("id", _Id, primary_key=True, autoincrement=True),
     Column("device_id", _DEVICE, nullable=False),
+    Column("stream", _STREAM, nullable=False),
     Column("seq", BigInteger, nullable=False),
     Column("ts", Double, nullable=False),
     Column("event", String(64), nullable=False),
@@ -171,6 +197,7 @@ samples = Table(
     "samples", metadata,
     Column("id", _Id, primary_key=True, autoincrement=True),
     Column("device_id", _DEVICE, nullable=False),
+    Column("stream", _STREAM, nullable=False),
     Column("seq", BigInteger, nullable=False),
     Column("prediction_id", String(128), nullable=False),
     Column("ts", Double, nullable=False),
@@ -209,6 +236,7 @@ conflicts = Table(
     Column("id", _Id, primary_key=True, autoincrement=True),
     Column("ts", Double, nullable=False),
     Column("device_id", _DEVICE, nullable=False),
+    Column("stream", _STREAM, nullable=False),
     Column("seq", BigInteger, nullable=False),
     Column("message_id", String(36), nullable=False),
     Column("stored_message_id", String(36), nullable=False),
@@ -343,6 +371,10 @@ class DeviceRecord:
     messages: int
     duplicates: int
     conflicts: int
+    #: the newest outbox stream (None before any telemetry); up_to_seq and max_seq are its own
+    stream: str | None = None
+    #: envelopes refused and marked (their seqs count as delivered, their items are lost)
+    refused: int = 0
 
     @property
     def tags(self) -> dict[str, str]:
@@ -735,7 +767,8 @@ def _device_record(r: Any) -> DeviceRecord:
         swap_phase=r["swap_phase"], health=json.loads(r["health"]),
         device_tags=json.loads(r["device_tags"]), operator_tags=json.loads(r["operator_tags"]),
         up_to_seq=int(r["up_to_seq"]), max_seq=int(r["max_seq"]), messages=int(r["messages"]),
-        duplicates=int(r["duplicates"]), conflicts=int(r["conflicts"]),
+        duplicates=int(r["duplicates"]), conflicts=int(r["conflicts"]), stream=r["stream"],
+        refused=int(r["refused"]),
     )
 
 

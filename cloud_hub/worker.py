@@ -500,11 +500,12 @@ class HubWorker:
                           self.client_id, err, exc_info=True)
         self._count(result, len(batch))
 
-    def _publish_receipts(self, receipts: dict[str, int]) -> None:
+    def _publish_receipts(self, receipts: dict[tuple[str, str], int]) -> None:
         now = self.clock()
         infos = []
-        for device, seq in receipts.items():
-            payload = messages.encode(messages.Receipt(device_id=device, up_to_seq=seq, ts=now))
+        for (device, stream), seq in receipts.items():
+            payload = messages.encode(messages.Receipt(device_id=device, stream=stream,
+                                                       up_to_seq=seq, ts=now))
             infos.append(self._client.publish(topics.receipt(device), payload, qos=1))
         with self._lock:
             self._counts["receipts_sent"] += len(infos)

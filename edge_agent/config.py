@@ -206,6 +206,13 @@ class SyncConfig(_Section):
         if self.backoff_cap_seconds < self.backoff_base_seconds:
             raise ValueError(f"sync.backoff_cap_seconds {self.backoff_cap_seconds} is below "
                              f"sync.backoff_base_seconds {self.backoff_base_seconds}")
+        # the batches in flight are never dropped by the quota: it must leave room beside them
+        floor = 2 * self.max_inflight * self.max_batch_bytes
+        if self.quota_bytes < floor:
+            raise ValueError(
+                f"sync.quota_bytes = {self.quota_bytes} is below 2 x sync.max_inflight "
+                f"({self.max_inflight}) x sync.max_batch_bytes ({self.max_batch_bytes}) = "
+                f"{floor}: raise sync.quota_bytes or lower the other two")
         return self
 
     @property

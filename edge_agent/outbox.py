@@ -23,6 +23,11 @@ the lowest priority go first (samples, then events, windows only when nothing el
 carries an ``outbox_dropped`` event with the counts since the last report, reset in the same
 transaction. Rows already in a batch are never dropped: their seq is promised to the hub.
 
+Stream: ``outbox_meta.stream`` is a random id made with the database (migration m005). Every
+envelope carries it and every receipt names it, so a database that is reset (quarantined or
+wiped) restarts its seqs at 1 under a new stream, and neither side confuses them with the old
+database's seqs. A receipt of another stream is ignored (counted and logged by the sync).
+
 A receipt ``up_to_seq`` deletes the batches up to it and their rows in one transaction; a receipt
 above the last seq ever formed is ignored and logged (the hub cannot hold what was never sent).
 """
@@ -81,6 +86,8 @@ class OutboxItem:
     kind: str
     text: str
     size: int
+    #: the kind of an item this one replaces because it could not travel (counted as a drop)
+    replaces: str | None = None
 
     @property
     def priority(self) -> int:
@@ -94,7 +101,8 @@ def _item(model: WindowItem | EventItem | SampleItem) -> OutboxItem:
     if size > MAX_ITEM_BYTES:
         log.error("outbox %s item of %d bytes is over the %d allowed; sending an event instead",
                   kind, size, MAX_ITEM_BYTES)
-        return event_item(time.time(), "outbox_item_too_large", {"kind": kind, "bytes": size})
+        event = event_item(time.time(), "outbox_item_too_large", {"kind": kind, "bytes": size})
+        return OutboxItem(event.kind, event.text, event.size, replaces=kind)
     return OutboxItem(kind, text, size)
 
 
@@ -173,11 +181,26 @@ def _sanitized(value: Any, depth: int) -> Any:
 
 def insert(conn: sqlite3.Connection, items: Iterable[OutboxItem], now: float) -> int:
     """Insert unbatched rows (inside the caller's transaction); returns how many."""
+    items = list(items)
     rows = [(i.kind, i.priority, i.text, i.size, now) for i in items]
     if rows:
         conn.executemany("INSERT INTO outbox (kind, priority, item, size, created_at) "
                          "VALUES (?, ?, ?, ?, ?)", rows)
+    lost: dict[str, int] = {}
+    for i in items:  # an oversized item travels as an event: the item itself is a drop
+        if i.replaces is not None:
+            lost[i.replaces] = lost.get(i.replaces, 0) + 1
+    _count_drops(conn, lost, now)
     return len(rows)
+
+
+def _count_drops(conn: sqlite3.Connection, dropped: Mapping[str, int], now: float) -> None:
+    """Add ``dropped`` (kind -> rows) to the drop counters, pending the next report."""
+    conn.executemany(
+        "INSERT INTO outbox_drops (kind, pending, total, last_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (kind) DO UPDATE SET pending = pending + excluded.pending, "
+        "total = total + excluded.total, last_at = excluded.last_at",
+        [(k, n, n, now) for k, n in dropped.items() if n])
 
 
 def enforce_quota(conn: sqlite3.Connection, quota_bytes: int, now: float) -> dict[str, int]:
@@ -204,11 +227,7 @@ def enforce_quota(conn: sqlite3.Connection, quota_bytes: int, now: float) -> dic
     for start in range(0, len(ids), 500):
         chunk = ids[start:start + 500]
         conn.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})", chunk)
-    conn.executemany(
-        "INSERT INTO outbox_drops (kind, pending, total, last_at) VALUES (?, ?, ?, ?) "
-        "ON CONFLICT (kind) DO UPDATE SET pending = pending + excluded.pending, "
-        "total = total + excluded.total, last_at = excluded.last_at",
-        [(k, n, n, now) for k, n in dropped.items()])
+    _count_drops(conn, dropped, now)
     global _last_drop_log
     if time.monotonic() - _last_drop_log >= DROP_LOG_EVERY:  # offline, this repeats each flush
         _last_drop_log = time.monotonic()
@@ -229,11 +248,14 @@ class Batch:
     message_id: str
     created_at: float
     items: tuple[str, ...]
+    #: the outbox stream (see the module docstring)
+    stream: str
 
     def envelope(self, device_id: str, agent_version: str, sent_at: float) -> TelemetryEnvelope:
         """The envelope of this batch (MessageError if it does not validate)."""
-        head = json.dumps({"protocol": 1, "device_id": device_id, "message_id": self.message_id,
-                           "seq": self.seq, "sent_at": sent_at, "agent_version": agent_version})
+        head = json.dumps({"protocol": 1, "device_id": device_id, "stream": self.stream,
+                           "message_id": self.message_id, "seq": self.seq, "sent_at": sent_at,
+                           "agent_version": agent_version})
         text = head[:-1] + ',"items":[' + ",".join(self.items) + "]}"
         try:
             return TelemetryEnvelope.model_validate_json(text, strict=True)
@@ -286,6 +308,10 @@ class Outbox:
         self.max_batch_bytes = max_batch_bytes
         self.max_inflight = max_inflight
         self.clock = clock
+        with store.reading() as conn:
+            #: this database's outbox stream (fixed for its life)
+            self.stream: str = conn.execute(
+                "SELECT stream FROM outbox_meta WHERE id = 1").fetchone()[0]
 
     def form_batch(self) -> Batch | None:
         """Form the next batch from the oldest unbatched rows, or None (nothing to send, or
@@ -328,7 +354,7 @@ class Outbox:
             conn.execute("INSERT INTO outbox_batches (seq, message_id, created_at, items) "
                          "VALUES (?, ?, ?, ?)", [seq, message_id, now, len(texts)])
             conn.execute("UPDATE outbox_meta SET last_seq = ? WHERE id = 1", [seq])
-        return Batch(seq, message_id, now, tuple(texts))
+        return Batch(seq, message_id, now, tuple(texts), self.stream)
 
     def inflight(self) -> list[int]:
         """Seqs formed and not yet receipted, oldest first."""
@@ -344,15 +370,21 @@ class Outbox:
                 return None
             items = tuple(r[0] for r in conn.execute(
                 "SELECT item FROM outbox WHERE batch_seq = ? ORDER BY id", [seq]))
-        return Batch(seq, head[0], head[1], items)
+        return Batch(seq, head[0], head[1], items, self.stream)
 
-    def apply_receipt(self, up_to_seq: int) -> int | None:
-        """The hub holds every seq up to ``up_to_seq``: delete those batches and their rows.
+    def apply_receipt(self, up_to_seq: int, stream: str) -> int | None:
+        """The hub holds every seq up to ``up_to_seq`` of ``stream``: delete those batches and
+        their rows.
 
-        Returns how many batches were deleted, or None when the receipt names a seq never
-        formed here (ignored and logged).
+        Returns how many batches were deleted, or None when the receipt names another stream
+        (the database before a reset) or a seq never formed here (ignored and logged).
         """
         now = self.clock()
+        if stream != self.stream:
+            log.warning("receipt of outbox stream %s up to seq %d ignored: this database's "
+                        "stream is %s (a receipt meant for the database before a reset)",
+                        stream, up_to_seq, self.stream)
+            return None
         with self.store.transaction() as conn:
             last_seq = conn.execute("SELECT last_seq FROM outbox_meta WHERE id = 1").fetchone()[0]
             if up_to_seq > last_seq:
@@ -370,25 +402,52 @@ class Outbox:
 
     def replace_unsendable(self, seq: int, reason: str) -> None:
         """A formed batch that cannot be encoded (it was never sent): keep its seq, replace its
-        items by one event saying why, and count the lost rows as drops (logged loudly)."""
+        items by one event saying why, and count the lost rows as drops, pending the next
+        ``outbox_dropped`` report (logged loudly). A drop report the batch carried goes back
+        to pending: the counts it held were never reported."""
         now = self.clock()
         item = event_item(now, "outbox_batch_unsendable", {"seq": seq, "reason": reason})
         with self.store.transaction() as conn:
-            lost = dict(conn.execute("SELECT kind, COUNT(*) FROM outbox WHERE batch_seq = ? "
-                                     "GROUP BY kind", [seq]).fetchall())
+            lost: dict[str, int] = {}
+            unreported: dict[str, int] = {}
+            for kind, text in conn.execute("SELECT kind, item FROM outbox WHERE batch_seq = ?",
+                                           [seq]).fetchall():
+                report = _drop_report(kind, text)
+                if report is None:
+                    lost[kind] = lost.get(kind, 0) + 1
+                    continue
+                for k, n in report.items():
+                    unreported[k] = unreported.get(k, 0) + n
             conn.execute("DELETE FROM outbox WHERE batch_seq = ?", [seq])
             conn.execute("INSERT INTO outbox (kind, priority, item, size, created_at, batch_seq)"
                          " VALUES (?, ?, ?, ?, ?, ?)",
                          [item.kind, item.priority, item.text, item.size, now, seq])
-            conn.executemany(
-                "INSERT INTO outbox_drops (kind, pending, total, last_at) VALUES (?, 0, ?, ?) "
-                "ON CONFLICT (kind) DO UPDATE SET total = total + excluded.total, "
-                "last_at = excluded.last_at", [(k, n, now) for k, n in lost.items()])
+            _count_drops(conn, lost, now)
+            conn.executemany(  # counted in total already, when they were dropped
+                "INSERT INTO outbox_drops (kind, pending, total, last_at) VALUES (?, ?, 0, ?) "
+                "ON CONFLICT (kind) DO UPDATE SET pending = pending + excluded.pending",
+                [(k, n, now) for k, n in unreported.items() if n])
         log.error("outbox batch %d cannot be sent (%s); replaced its %s by an event", seq,
                   reason, ", ".join(f"{n} {k}" for k, n in sorted(lost.items())))
 
     def status(self) -> OutboxStatus:
         return outbox_status(self.store)
+
+
+def _drop_report(kind: str, text: str) -> dict[str, int] | None:
+    """The counts of an ``outbox_dropped`` event row, or None for any other row."""
+    if kind != "event":
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("event") != DROPPED_EVENT:
+        return None
+    detail = doc.get("detail")
+    if not isinstance(detail, dict):
+        return None
+    return {k: int(n) for k, n in detail.items() if k in PRIORITY and isinstance(n, int)}
 
 
 def outbox_status(store: AgentStore) -> OutboxStatus:

@@ -31,6 +31,7 @@ from sqlite_utils.migrations import Migrations
 from edge_agent import outbox
 from edge_agent.errors import StoreError
 from edge_agent.onnx_guard import OnnxSummary
+from fleet_protocol.messages import new_stream_id
 
 __all__ = ["AgentStore", "SlotRecord", "WindowRow", "WriteBatch"]
 
@@ -97,6 +98,15 @@ def m004_outbox(db: Database) -> None:
                "SET rows = rows + 1, bytes = bytes + new.size WHERE id = 1; END")
     db.execute("CREATE TRIGGER outbox_removed AFTER DELETE ON outbox BEGIN UPDATE outbox_meta "
                "SET rows = rows - 1, bytes = bytes - old.size WHERE id = 1; END")
+
+
+@migrations()
+def m005_outbox_stream(db: Database) -> None:
+    # edge_agent.outbox: the outbox's stream id, random per database. A database that is reset
+    # (quarantined when corrupt, or wiped) starts seqs at 1 again under a new stream, so the
+    # hub never takes its seqs for resends of the old database's (DESIGN, "Delivery").
+    db.execute("ALTER TABLE outbox_meta ADD COLUMN stream TEXT")
+    db.execute("UPDATE outbox_meta SET stream = ? WHERE id = 1", [new_stream_id()])
 
 
 @dataclass(frozen=True)

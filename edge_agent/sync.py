@@ -536,7 +536,7 @@ class Sync:
             log.warning("refused a message on %s (%d bytes): %s", topic, len(payload), err)
             return
         if isinstance(msg, Receipt):
-            deleted = self.outbox.apply_receipt(msg.up_to_seq)
+            deleted = self.outbox.apply_receipt(msg.up_to_seq, msg.stream)
             with self._stats_lock:
                 if deleted is None:
                     self._stats.ignored_receipts += 1

@@ -32,6 +32,8 @@ FEATURES = 16
 ROWS = 3000  # a 5-minute window at 10 predictions/s
 WINDOW = 300.0
 HOUR = 3600
+#: one outbox stream per simulated device database (never reset in the bench)
+BENCH_STREAM = "be4c4be4c4be4c4b"
 T0 = 472_222 * HOUR  # an hour boundary (2023-11-14 22:00 UTC)
 DISTINCT = 48
 BATCH = 50
@@ -135,7 +137,8 @@ def fleet_drift_bench(devices: int, hours: int, runs: int, db: Path | None,
                         end=start + WINDOW, layout=key, inputs=s_in, outputs=s_out,
                         metrics={"requests": ROWS}, rows=ROWS))
                 env = msgs.TelemetryEnvelope(
-                    device_id=name, message_id=msgs.new_message_id(), seq=h + 1,
+                    device_id=name, stream=BENCH_STREAM, message_id=msgs.new_message_id(),
+                    seq=h + 1,
                     sent_at=T0 + (h + 1) * HOUR, agent_version="0.1.0", items=tuple(items))
                 payloads.append((topics.telemetry(name), msgs.encode(env)))
         n_windows = devices * hours * 12
@@ -180,7 +183,8 @@ def fleet_drift_bench(devices: int, hours: int, runs: int, db: Path | None,
             ms_sel = _median_ms(lambda: query("site=s7"), runs)
             rows.append(("fleet_drift 24 h, selector site=s7", f"{ms_sel:.0f} ms", "-"))
             late = msgs.TelemetryEnvelope(
-                device_id=names[0], message_id=msgs.new_message_id(), seq=hours + 1,
+                device_id=names[0], stream=BENCH_STREAM, message_id=msgs.new_message_id(),
+                seq=hours + 1,
                 sent_at=until, agent_version="0.1.0", items=(msgs.window_item_from(
                     model_name="bench", model_version="1.0.0", slot="blue",
                     start=T0 + 5 * HOUR + 150, end=T0 + 5 * HOUR + 450, layout=key,
@@ -199,7 +203,7 @@ def fleet_drift_bench(devices: int, hours: int, runs: int, db: Path | None,
                     start = T0 + hours * HOUR + round_ * WINDOW
                     s_in, s_out = (bright if sites[d] == "s7" else normal)[d % DISTINCT]
                     env = msgs.TelemetryEnvelope(
-                        device_id=name, message_id=msgs.new_message_id(),
+                        device_id=name, stream=BENCH_STREAM, message_id=msgs.new_message_id(),
                         seq=hours + 2 + round_, sent_at=until, agent_version="0.1.0",
                         items=(msgs.window_item_from(
                             model_name="bench", model_version="1.0.0", slot="blue",

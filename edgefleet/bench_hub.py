@@ -108,7 +108,8 @@ def make_envelopes(n: int, devices: int, seed: int = 0) -> list[tuple[str, bytes
         seqs[d] += 1
         device = f"bench-{d:04d}"
         env = TelemetryEnvelope(
-            device_id=device, message_id=new_message_id(), seq=seqs[d], sent_at=t0 + i,
+            device_id=device, stream=f"{d:016x}", message_id=new_message_id(), seq=seqs[d],
+            sent_at=t0 + i,
             agent_version="0.1.0",
             items=(pool[i % len(pool)].model_copy(update={"start": t0 + 300 * seqs[d],
                                                           "end": t0 + 300 * seqs[d] + 300}),))
@@ -314,7 +315,7 @@ def bytes_per_device_hour(folder: Path, rate: float = 10.0, window_seconds: floa
             # PUBLISH: fixed header (1 + 2-4 length bytes) + topic length + topic + packet id
             sent += len(payload) + 1 + 3 + 2 + len(topic) + 2
             messages += 1
-            outbox.apply_receipt(batch.seq)
+            outbox.apply_receipt(batch.seq, batch.stream)
 
     send_all()  # what starting up reports (model installed): part of any hour's traffic
     start_bytes, start_messages = sent, messages

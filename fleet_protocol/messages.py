@@ -9,11 +9,13 @@ objects checked by one iterative walk; there are no recursive schemas (FIELD-NOT
 facts": validation time of recursive schemas can explode).
 
 Delivery (DESIGN, "Delivery and durability"): each :class:`TelemetryEnvelope` holds one outbox
-batch under a per-device ``seq`` (1, 2, 3, ... without gaps) and a ``message_id`` that stays the
-same when the batch is resent. The hub stores each (device, seq) once and answers with a
-:class:`Receipt` naming the highest seq it holds without gaps; only then does the agent delete
-those outbox rows. The retained :class:`StateMessage` says what runs; the last will registered
-at connect is :meth:`StateMessage.offline`. :class:`Command` is signed by the hub (Ed25519 over
+batch under the device's outbox ``stream`` (a random id made with its outbox database, so a
+database reset starts a new stream instead of reusing old seqs), a ``seq`` (1, 2, 3, ... without
+gaps within a stream) and a ``message_id`` that stays the same when the batch is resent. The hub
+stores each (device, stream, seq) once and answers with a :class:`Receipt` naming the stream and
+the highest seq it holds without gaps; only then does the agent delete those outbox rows. The
+retained :class:`StateMessage` says what runs; the last will registered at connect is
+:meth:`StateMessage.offline`. :class:`Command` is signed by the hub (Ed25519 over
 :meth:`UnsignedCommand.canonical_bytes`; the signing itself lives with ``cryptography`` in the
 hub and agent adapters, never here) and answered by an :class:`Ack`.
 
@@ -35,7 +37,7 @@ input sketch of 16 numeric features x 16 bins (1,214 B binary), output sketch of
 and its score in 16 bins (89 B), and the metrics the agent writes (1,416 B of JSON: latency
 histogram, confusion matrix, per-feature counts)::
 
-    encoded envelope          plain JSON 3,538 B    zlib (what is sent) 1,841 B
+    encoded envelope          plain JSON 3,566 B    zlib (what is sent) 1,841 B
     the same rows as CSV      447,525 B (16 columns, 7 significant digits, one header line)
     ratio raw CSV / sent      243x  (126x uncompressed)
 
@@ -51,6 +53,8 @@ import base64
 import binascii
 import json
 import math
+import re
+import secrets
 import uuid
 import zlib
 from collections.abc import Callable, Mapping
@@ -76,7 +80,8 @@ from fleet_protocol.manifest import parse_semver
 __all__ = ["COMPRESS_ABOVE", "MAX_ITEMS", "MESSAGE_TYPES", "PROTOCOL_VERSION", "Ack",
     "BaseMessage", "Command", "EventItem", "Message", "MessageError", "Receipt", "SampleItem",
     "SlotInfo", "Slots", "StateMessage", "TelemetryEnvelope", "UnsignedCommand", "WindowItem",
-    "decode", "decode_for_topic", "encode", "new_message_id", "window_item_from"]
+    "decode", "decode_for_topic", "encode", "envelope_key", "new_message_id", "new_stream_id",
+    "window_item_from"]
 
 PROTOCOL_VERSION: Literal[1] = 1
 COMPRESS_ABOVE = 1024
@@ -271,6 +276,8 @@ Uuid = Annotated[
     str, Field(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 ]
 Layout = Annotated[str, Field(pattern=r"^[0-9a-f]{16}/[0-9a-f]{16}$")]
+#: an outbox stream: random, made with the device's outbox (see :func:`new_stream_id`)
+StreamId = Annotated[str, Field(pattern=r"^[0-9a-f]{16}$")]
 Text = Annotated[str, AfterValidator(partial(_check_text, limit=MAX_TEXT_CHARS))]
 _AsBase64 = PlainSerializer(lambda v: base64.b64encode(v).decode("ascii"), return_type=str,
                             when_used="json")
@@ -382,9 +389,11 @@ class TelemetryEnvelope(BaseMessage):
     MAX_WIRE_BYTES: ClassVar[int] = 1024 * 1024
     MAX_JSON_BYTES: ClassVar[int] = 4 * 1024 * 1024
 
+    #: the device's outbox stream: a new one when its database is reset (seqs restart at 1)
+    stream: StreamId
     #: unique per batch, unchanged when the batch is resent (see :func:`new_message_id`)
     message_id: Uuid
-    #: 1, 2, 3, ... per device, without gaps; the hub stores each (device, seq) once
+    #: 1, 2, 3, ... per (device, stream), without gaps; the hub stores each key once
     seq: Seq
     sent_at: Timestamp
     agent_version: AgentVersion
@@ -439,10 +448,13 @@ class StateMessage(BaseMessage):
 
 
 class Receipt(BaseMessage):
-    """Hub → device: every seq up to ``up_to_seq`` is stored (0: nothing yet)."""
+    """Hub → device: every seq up to ``up_to_seq`` of outbox ``stream`` is stored (0: nothing
+    yet). A device ignores receipts of another stream (one of its database before a reset)."""
 
     MAX_WIRE_BYTES: ClassVar[int] = 1024
     MAX_JSON_BYTES: ClassVar[int] = 1024
+
+    stream: StreamId
 
     up_to_seq: Count
     ts: Timestamp
@@ -625,6 +637,38 @@ def _error_text(err: ValidationError) -> tuple[str, str]:
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def new_stream_id() -> str:
+    """A fresh random outbox stream id (16 lowercase hex), made once with a device's outbox."""
+    return secrets.token_hex(8)
+
+
+def envelope_key(data: bytes | bytearray | memoryview) -> tuple[str, int, str] | None:
+    """(stream, seq, message_id) of a telemetry payload that did not validate, read loosely, or
+    None: only within the envelope's size limits, only from JSON, only when the three fields
+    have their valid forms. The hub uses it to mark a refused seq so the stream goes on."""
+    size = data.nbytes if isinstance(data, memoryview) else len(data)
+    if not 0 < size <= TelemetryEnvelope.MAX_WIRE_BYTES:
+        return None
+    raw = bytes(data)
+    try:
+        if raw[0] == _ZLIB_FIRST:
+            raw = _inflate(raw, TelemetryEnvelope.MAX_JSON_BYTES, "TelemetryEnvelope")
+        elif raw[0] != _JSON_FIRST or size > TelemetryEnvelope.MAX_JSON_BYTES:
+            return None
+        doc = json.loads(raw)
+    except (MessageError, ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    stream, seq, message_id = doc.get("stream"), doc.get("seq"), doc.get("message_id")
+    if not (isinstance(stream, str) and re.fullmatch(r"[0-9a-f]{16}", stream)
+            and type(seq) is int and 1 <= seq <= INT64_MAX and isinstance(message_id, str)
+            and re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+                             message_id)):
+        return None
+    return stream, seq, message_id
 
 
 def new_message_id() -> str:

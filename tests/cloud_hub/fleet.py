@@ -83,11 +83,15 @@ def window(device_id: str, start: float, rows: int, rng: np.random.Generator, *,
     return item, Sent(device_id, model_version, start, rows, key, s_in, s_out)
 
 
+#: the outbox stream the simulated devices send under (one database each, never reset)
+STREAM = "5eed5eed5eed5eed"
+
+
 def envelope(device_id: str, seq: int, items: Sequence[Any], *, message_id: str | None = None,
-             sent_at: float = 1.0) -> msgs.TelemetryEnvelope:
+             sent_at: float = 1.0, stream: str = STREAM) -> msgs.TelemetryEnvelope:
     return msgs.TelemetryEnvelope(
-        device_id=device_id, message_id=message_id or str(uuid.uuid4()), seq=seq,
-        sent_at=sent_at, agent_version="0.1.0", items=tuple(items))
+        device_id=device_id, stream=stream, message_id=message_id or str(uuid.uuid4()),
+        seq=seq, sent_at=sent_at, agent_version="0.1.0", items=tuple(items))
 
 
 def event(ts: float = 1.0, name: str = "swap.promoted") -> msgs.EventItem:
@@ -103,9 +107,10 @@ def wire(msg: msgs.BaseMessage, topic: str | None = None) -> tuple[str, bytes]:
 
 
 def telemetry(device_id: str, seq: int, items: Sequence[Any] | None = None, *,
-              message_id: str | None = None) -> tuple[str, bytes]:
+              message_id: str | None = None, stream: str = STREAM) -> tuple[str, bytes]:
     """A telemetry message holding ``items`` (default: one event)."""
-    return wire(envelope(device_id, seq, items or [event()], message_id=message_id))
+    return wire(envelope(device_id, seq, items or [event()], message_id=message_id,
+                         stream=stream))
 
 
 def state(device_id: str, *, online: bool = True, ts: float = 10.0,

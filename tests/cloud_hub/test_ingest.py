@@ -28,9 +28,10 @@ def test_each_seq_is_stored_once_and_every_resend_is_receipted(store: HubStore) 
     batch = [fleet.telemetry("pi-1", s, [fleet.window("pi-1", 300.0 * s, 50, rng)[0]])
              for s in (1, 2, 3)]
     first = store.ingest(batch, now=100.0)
-    assert (first.stored, first.duplicates, first.receipts) == (3, 0, {"pi-1": 3})
+    key = ("pi-1", fleet.STREAM)
+    assert (first.stored, first.duplicates, first.receipts) == (3, 0, {key: 3})
     again = store.ingest([batch[1], batch[1]], now=101.0)
-    assert (again.stored, again.duplicates, again.receipts) == (0, 2, {"pi-1": 3})
+    assert (again.stored, again.duplicates, again.receipts) == (0, 2, {key: 3})
     assert count(store, tables.envelopes) == 3
     assert count(store, tables.windows) == 3
     c = store.counters()
@@ -40,10 +41,11 @@ def test_each_seq_is_stored_once_and_every_resend_is_receipted(store: HubStore) 
 def test_out_of_order_seqs_advance_up_to_seq_only_over_contiguous_ones(store: HubStore) -> None:
     """Seq 1, 3, 5 receipt 1; filling 2 receipts 3; filling 4 receipts 5."""
     r = store.ingest([fleet.telemetry("pi-1", s) for s in (5, 1, 3)], now=1.0)
-    assert r.receipts == {"pi-1": 1} and r.stored == 3
+    assert r.receipts == {("pi-1", fleet.STREAM): 1} and r.stored == 3
     assert store.device("pi-1").max_seq == 5
-    assert store.ingest([fleet.telemetry("pi-1", 2)], now=2.0).receipts == {"pi-1": 3}
-    assert store.ingest([fleet.telemetry("pi-1", 4)], now=3.0).receipts == {"pi-1": 5}
+    key = ("pi-1", fleet.STREAM)
+    assert store.ingest([fleet.telemetry("pi-1", 2)], now=2.0).receipts == {key: 3}
+    assert store.ingest([fleet.telemetry("pi-1", 4)], now=3.0).receipts == {key: 5}
     d = store.device("pi-1")
     assert (d.up_to_seq, d.max_seq, d.messages) == (5, 5, 5)
 
@@ -53,7 +55,7 @@ def test_a_gap_then_its_fill_in_one_batch(store: HubStore) -> None:
     batch = [fleet.telemetry(d, s) for s in (3, 1, 2) for d in ("a", "b")]
     batch.append(fleet.telemetry("c", 2))
     r = store.ingest(batch, now=1.0)
-    assert r.receipts == {"a": 3, "b": 3, "c": 0}
+    assert r.receipts == {(d, fleet.STREAM): n for d, n in (("a", 3), ("b", 3), ("c", 0))}
 
 
 def test_same_seq_with_another_message_id_is_a_conflict(
@@ -65,7 +67,7 @@ def test_same_seq_with_another_message_id_is_a_conflict(
     with caplog.at_level(logging.ERROR, logger="cloud_hub.ingest"):
         r = store.ingest([clash], now=2.0)
     assert (r.stored, r.duplicates, r.conflicts, r.receipts) == (0, 0, 1, {})
-    assert "device database reset?" in caplog.text and "pi-1" in caplog.text
+    assert "two devices sharing one id?" in caplog.text and "pi-1" in caplog.text
     assert count(store, tables.conflicts) == 1
     events = store.run_read(lambda c: c.execute(sa.select(tables.events.c.event)).scalars()
                             .all(), what="events")
@@ -73,7 +75,7 @@ def test_same_seq_with_another_message_id_is_a_conflict(
     assert store.counters().conflicts == 1
     # a batch holding both the resend and the clash: the resend still gets its receipt
     r = store.ingest([clash, original], now=3.0)
-    assert (r.conflicts, r.duplicates, r.receipts) == (1, 1, {"pi-1": 1})
+    assert (r.conflicts, r.duplicates, r.receipts) == (1, 1, {("pi-1", fleet.STREAM): 1})
 
 
 def _bad_sketch_envelope(rng: np.random.Generator) -> tuple[str, bytes]:
@@ -122,15 +124,18 @@ def test_every_refusal_is_counted_with_its_device_and_nothing_of_it_is_written(
     valid = fleet.telemetry("pi-9", 1)
     with caplog.at_level(logging.DEBUG, logger="cloud_hub.ingest"):
         r = store.ingest([*bad.values(), valid], now=5.0)
-    assert r.stored == 1 and r.receipts == {"pi-9": 1}
+    # the bad sketch (seq 2) and the extra field (seq 3) still name their key: kept as markers
+    # without items, so pi-1's stream is not stuck behind them (seq 1 is still missing)
+    assert r.stored == 1 and r.refused == 2
+    assert r.receipts == {("pi-9", fleet.STREAM): 1, ("pi-1", fleet.STREAM): 0}
     got = {name: (rej.kind, rej.device_id) for name, rej in zip(bad, r.rejections, strict=True)}
     assert got == EXPECTED_KIND
     assert all(rej.reason for rej in r.rejections)
     assert "device=pi-2" in caplog.text
-    assert count(store, tables.envelopes) == 1
+    assert count(store, tables.envelopes) == 3
     assert count(store, tables.windows) == 0
     assert count(store, tables.rejections) == len(bad)
-    assert [d.device_id for d in store.devices()] == ["pi-9"]
+    assert [(d.device_id, d.refused) for d in store.devices()] == [("pi-1", 2), ("pi-9", 0)]
     kinds = store.counters().rejections
     assert sum(kinds.values()) == len(bad) and set(kinds) <= set(REJECT_KINDS)
     assert kinds["topic"] == 3 and kinds["oversized"] == 2
@@ -205,7 +210,8 @@ def test_one_bad_sketch_among_many_refuses_only_its_envelope(store: HubStore) ->
                                        + good.inputs[14:]})
     batch.insert(2, fleet.telemetry("pi-9", 1, [good, truncated, overlong]))
     r = store.ingest(batch, now=1.0)
-    assert r.stored == 5 and r.receipts == {f"pi-{d}": 1 for d in range(5)}
+    assert r.stored == 5 and r.refused == 1  # pi-9's seq 1: a marker, receipted
+    assert r.receipts == {(f"pi-{d}", fleet.STREAM): 1 for d in (0, 1, 2, 3, 4, 9)}
     (rej,) = r.rejections
     assert (rej.device_id, rej.kind) == ("pi-9", "sketch")
     assert rej.reason.startswith("items.1.outputs: ") and "seq 1: refused whole" in rej.reason

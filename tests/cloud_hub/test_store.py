@@ -41,7 +41,7 @@ def test_a_database_of_another_schema_version_is_refused(tmp_path: Path) -> None
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     conn.close()
-    with pytest.raises(HubStoreError, match="schema version 99, this build knows 1"):
+    with pytest.raises(HubStoreError, match="schema version 99, this build knows 2"):
         HubStore(path=db)
 
 
@@ -74,7 +74,7 @@ def test_a_batch_that_keeps_failing_raises_and_stores_nothing(tmp_path: Path) ->
         other.execute("ROLLBACK")
         other.close()
         assert store.counters().messages == 0
-        assert store.ingest(batch, now=2.0).receipts == {"pi-1": 1}
+        assert store.ingest(batch, now=2.0).receipts == {("pi-1", fleet.STREAM): 1}
 
 
 def test_selectors_parse_and_name_the_bad_part() -> None:

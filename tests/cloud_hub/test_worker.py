@@ -46,7 +46,8 @@ def message_id(device: str, seq: int) -> str:
 def envelope(device: str, seq: int, **overrides: Any) -> bytes:
     """Wire bytes of a valid telemetry envelope: one event naming its seq."""
     fields: dict[str, Any] = {
-        "device_id": device, "message_id": message_id(device, seq), "seq": seq,
+        "device_id": device, "stream": "5eed5eed5eed5eed", "message_id": message_id(device, seq),
+        "seq": seq,
         "sent_at": 1_700_000_000.0 + seq, "agent_version": "0.1.0",
         "items": (messages.EventItem(ts=1_700_000_000.0 + seq, event="test",
                                      detail={"seq": seq}),),

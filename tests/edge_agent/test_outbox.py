@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +149,7 @@ def test_seqs_are_gapless_and_survive_reopen(tmp_path: Path) -> None:
     s.write(WriteBatch(windows=[window(i) for i in range(7)]))
     box = Outbox(s, max_batch_items=3, max_inflight=10)
     assert [b.seq for b in iter(box.form_batch, None)] == [1, 2, 3]
-    assert box.apply_receipt(3) == 3
+    assert box.apply_receipt(3, box.stream) == 3
     s.close()
     s = AgentStore(path, outbox_quota_bytes=QUOTA)
     try:
@@ -172,7 +173,7 @@ def test_batches_bounded_by_items_bytes_and_inflight(store: AgentStore) -> None:
     assert first is not None and second is not None
     assert (len(first.items), len(second.items)) == (3, 3)
     assert box.form_batch() is None  # two in flight
-    box.apply_receipt(1)
+    box.apply_receipt(1, box.stream)
     third = box.form_batch()
     assert third is not None and third.seq == 3
     small = Outbox(store, max_batch_items=4, max_batch_bytes=4096, max_inflight=9)
@@ -226,13 +227,13 @@ def test_receipt_deletes_exactly_up_to_its_seq(store: AgentStore) -> None:
     store.write(WriteBatch(windows=[window(i) for i in range(8)]))
     box = Outbox(store, max_batch_items=2, max_inflight=3)
     assert [b.seq for b in iter(box.form_batch, None)] == [1, 2, 3]
-    assert box.apply_receipt(2) == 2
+    assert box.apply_receipt(2, box.stream) == 2
     assert box.inflight() == [3]
     assert [r[2] for r in rows(store)] == [3, 3, None, None]
-    assert box.apply_receipt(1) == 0
-    assert box.apply_receipt(4) is None
+    assert box.apply_receipt(1, box.stream) == 0
+    assert box.apply_receipt(4, box.stream) is None
     assert box.inflight() == [3] and outbox_status(store).last_receipt_seq == 2
-    assert box.apply_receipt(0) == 0
+    assert box.apply_receipt(0, box.stream) == 0
 
 
 # --- quota ------------------------------------------------------------------------------------
@@ -320,3 +321,29 @@ def test_event_items_always_travel() -> None:
     assert parsed.ts == 0.0 and len(parsed.event) == 64 and "/" not in parsed.event
     assert isinstance(parsed.detail["a"]["b"], str)
     assert item.size == len(item.text.encode()) and item.size < MAX_ITEM_BYTES
+
+
+def test_rows_lost_unsendable_or_oversized_are_reported_as_drops(store: AgentStore) -> None:
+    """Rows a replaced batch loses, and an item too large to travel, join the pending drop
+    counts, so the next outbox_dropped event reports them; a drop report that was inside the
+    replaced batch goes back to pending instead of vanishing."""
+    with store.transaction() as conn:  # two samples dropped earlier, not yet reported
+        conn.execute("INSERT INTO outbox_drops VALUES ('sample', 2, 2, 0.0)")
+    store.write(WriteBatch(windows=[window(0), window(1)]))
+    box = Outbox(store)
+    batch = box.form_batch()
+    assert batch is not None and json.loads(batch.items[-1])["event"] == "outbox_dropped"
+    box.replace_unsendable(batch.seq, "test")
+    st = outbox_status(store)
+    assert st.drops_unreported == {"window": 2, "sample": 2}
+    assert st.drops_total == {"window": 2, "sample": 2}
+    huge = replace(window(2), metrics={f"k{i}": "x" * 1000 for i in range(600)})
+    store.write(WriteBatch(windows=[huge]))
+    assert outbox_status(store).drops_unreported == {"window": 3, "sample": 2}
+    box.apply_receipt(batch.seq, box.stream)
+    report = box.form_batch()
+    assert report is not None
+    events = [json.loads(t) for t in report.items]
+    assert [e["event"] for e in events] == ["outbox_item_too_large", "outbox_dropped"]
+    assert events[-1]["detail"] == {"sample": 2, "event": 0, "window": 3}
+    assert outbox_status(store).drops_unreported == {}

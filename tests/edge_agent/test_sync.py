@@ -91,7 +91,8 @@ class FakeHub:
                 self.mismatched.append(env.seq)
             up_to = self.contiguous(env.device_id)
         if self.answer:
-            receipt = Receipt(device_id=env.device_id, up_to_seq=up_to, ts=time.time())
+            receipt = Receipt(device_id=env.device_id, stream=env.stream, up_to_seq=up_to,
+                              ts=time.time())
             client.publish(topics.receipt(env.device_id), encode(receipt), qos=1)
 
     def contiguous(self, device: str) -> int:
@@ -264,6 +265,9 @@ def test_sync_config_tls_user_password_and_tags(tmp_path: Path) -> None:
     ('[sync]\nbroker_url = "mqtt://h"\npassword = "x"\npassword_file = "/p"\n', "not both"),
     ('[sync]\nbroker_url = "mqtt://h"\nmax_inflight = 0\n', "sync.max_inflight = 0"),
     ('[sync]\nbroker_url = "mqtt://h"\nbackoff_cap_seconds = 0.5\n', "below"),
+    ('[sync]\nbroker_url = "mqtt://h"\nquota_bytes = 1048576\nmax_inflight = 4\n'
+     'max_batch_bytes = 262144\n', "sync.quota_bytes = 1048576 is below 2 x sync.max_inflight "
+     "(4) x sync.max_batch_bytes (262144) = 2097152"),
     ('tags = {Site = "a"}\n', "config key tags.Site"),
     ('tags = {site = "a b"}\n', "config key tags.site = 'a b'"),
 ])
@@ -429,8 +433,9 @@ def test_online_state_retained_and_offline_on_clean_stop(mosquitto: Any,
 
 
 def test_bad_receipts_are_counted_and_ignored(mosquitto: Any, store: AgentStore) -> None:
-    """Garbage, another device's receipt, and a receipt for a seq never sent are refused or
-    ignored and counted; a hub command reaches the hook; the sync keeps working."""
+    """Garbage, another device's receipt, a receipt for a seq never sent and one of another
+    outbox stream (the database before a reset) are refused or ignored and counted; a hub
+    command reaches the hook; the sync keeps working."""
     commands: list[Any] = []
     sync = start_sync(store, settings(mosquitto.port), on_command=commands.append)
     sender = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
@@ -440,14 +445,18 @@ def test_bad_receipts_are_counted_and_ignored(mosquitto: Any, store: AgentStore)
         sync.wait_connected(10)
         wait_for(lambda: sync.stats.subscribed == 2, what="receipt and cmd subscriptions")
         rt = topics.receipt(DEVICE)
-        foreign = encode(Receipt(device_id="other", up_to_seq=1, ts=1.0))
+        stream = sync.outbox.stream
+        foreign = encode(Receipt(device_id="other", stream=stream, up_to_seq=1, ts=1.0))
         for payload in (b"not json", b"\x78\x9c garbage", foreign):
             sender.publish(rt, payload, qos=1)
-        sender.publish(rt, encode(Receipt(device_id=DEVICE, up_to_seq=99, ts=1.0)), qos=1)
+        sender.publish(rt, encode(Receipt(device_id=DEVICE, stream=stream, up_to_seq=99,
+                                          ts=1.0)), qos=1)
+        sender.publish(rt, encode(Receipt(device_id=DEVICE, stream="f" * 16, up_to_seq=0,
+                                          ts=1.0)), qos=1)
         cmd = UnsignedCommand(device_id=DEVICE, command_id="c-1", key_id="0" * 16, seq=1,
                               issued_at=1.0, expires_at=2.0, kind="promote").signed(b"\0" * 64)
         sender.publish(topics.cmd(DEVICE), encode(cmd), qos=1)
-        wait_for(lambda: sync.stats.bad_messages == 3 and sync.stats.ignored_receipts == 1
+        wait_for(lambda: sync.stats.bad_messages == 3 and sync.stats.ignored_receipts == 2
                  and commands, what="the bad receipts to be counted")
         assert commands[0].command_id == "c-1"
         hub = FakeHub(mosquitto.port)

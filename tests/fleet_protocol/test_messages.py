@@ -31,7 +31,7 @@ model_names = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,63}", fullmatch=True)
 identifiers = st.from_regex(r"[A-Za-z0-9._:-]{1,128}", fullmatch=True)
 agent_versions = st.from_regex(r"[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}", fullmatch=True)
 #: any text but NUL, which protocol text may not hold (PostgreSQL text columns cannot)
-chars = st.characters(exclude_characters="\x00")
+chars = st.characters(exclude_characters="\x00", exclude_categories=("Cs",))  # valid UTF-8
 keys = st.text(chars, max_size=12)
 scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
            | st.floats(allow_nan=False, allow_infinity=False) | st.text(chars, max_size=20))
@@ -72,8 +72,9 @@ event_items = st.builds(m.EventItem, ts=timestamps,
 sample_items = st.builds(m.SampleItem, prediction_id=identifiers, ts=timestamps,
                          model_version=semvers,
                          inputs=json_values(2).map(lambda v: json.dumps(v)))
+streams = st.from_regex(r"[0-9a-f]{16}", fullmatch=True)
 envelopes = st.builds(
-    m.TelemetryEnvelope, device_id=device_ids, message_id=st.uuids().map(str),
+    m.TelemetryEnvelope, device_id=device_ids, stream=streams, message_id=st.uuids().map(str),
     seq=st.integers(1, 2**63 - 1), sent_at=timestamps, agent_version=agent_versions,
     items=st.lists(window_items() | event_items | sample_items, min_size=1, max_size=4),
 )
@@ -84,8 +85,8 @@ states = st.builds(
     slots=st.builds(m.Slots, blue=slot_infos, green=slot_infos),
     swap_phase=st.sampled_from(get_args(m.SwapPhaseName)), health=json_objects(3), ts=timestamps,
 )
-receipts = st.builds(m.Receipt, device_id=device_ids, up_to_seq=st.integers(0, 2**63 - 1),
-                     ts=timestamps)
+receipts = st.builds(m.Receipt, device_id=device_ids, stream=streams,
+                     up_to_seq=st.integers(0, 2**63 - 1), ts=timestamps)
 
 
 @st.composite
@@ -124,7 +125,8 @@ def window(**overrides: Any) -> m.WindowItem:
 
 def envelope(items: Any = None, **overrides: Any) -> m.TelemetryEnvelope:
     fields: dict[str, Any] = dict(
-        device_id="pi-1", message_id="00000000-0000-4000-8000-000000000000", seq=1,
+        device_id="pi-1", stream="00112233aabbccdd",
+        message_id="00000000-0000-4000-8000-000000000000", seq=1,
         sent_at=10.0, agent_version="0.1.0", items=items or (window(),))
     fields.update(overrides)
     return m.TelemetryEnvelope(**fields)
@@ -360,7 +362,8 @@ def test_wrong_protocol_version_refused_first() -> None:
 @pytest.mark.parametrize("device", BAD_DEVICE_IDS)
 def test_bad_device_ids_refused_in_messages(device: str) -> None:
     """Every message refuses a device id that could not be its topic level."""
-    for msg in (as_json(envelope()), {"device_id": "x", "up_to_seq": 1, "ts": 1.0}):
+    for msg in (as_json(envelope()), {"device_id": "x", "stream": "0" * 16, "up_to_seq": 1,
+                                        "ts": 1.0}):
         msg["device_id"] = device
         model = m.TelemetryEnvelope if "items" in msg else m.Receipt
         assert refusal(msg, model).field == "device_id"
@@ -583,7 +586,7 @@ def test_typical_window_size_matches_the_docstring() -> None:
         csv.write(",".join(f"{v:.7g}" for v in row) + "\n")
     raw = len(csv.getvalue().encode())
     assert (len(s_in.to_bytes()), len(s_out.to_bytes())) == (1214, 89)
-    assert len(json.dumps(env.model_dump(mode="json"), separators=(",", ":"))) == 3538
+    assert len(json.dumps(env.model_dump(mode="json"), separators=(",", ":"))) == 3566
     assert wire[:1] == b"\x78" and 1700 < len(wire) < 2000  # 1,841 with this zlib
     assert raw == 447_525 and 220 < raw / len(wire) < 265
 
@@ -616,3 +619,35 @@ def test_text_with_nul_is_refused_and_errors_escape_it() -> None:
     raw = json.dumps({**ack.model_dump(mode="json"), "reason": "x\x00y"}).encode()
     with pytest.raises(m.MessageError, match="NUL"):
         m.decode(raw, m.Ack)
+
+
+@pytest.mark.parametrize("stream", ["", "0" * 15, "0" * 17, "ABCDEF0123456789", "g" * 16, 12])
+def test_stream_is_16_lowercase_hex_and_required(stream: Any) -> None:
+    """An envelope and a receipt name their outbox stream: 16 lowercase hex, nothing else."""
+    data = as_json(envelope())
+    data["stream"] = stream
+    assert refusal(data).field == "stream"
+    del data["stream"]
+    assert refusal(data).field == "stream"
+    receipt = {"protocol": 1, "device_id": "pi-1", "stream": stream, "up_to_seq": 1, "ts": 1.0}
+    assert refusal(receipt, m.Receipt).field == "stream"
+    ok = m.Receipt(device_id="pi-1", stream=m.new_stream_id(), up_to_seq=3, ts=1.0)
+    assert m.decode(m.encode(ok), m.Receipt) == ok
+
+
+def test_envelope_key_reads_a_refused_envelope_loosely() -> None:
+    """A telemetry payload that fails validation still names its (stream, seq, message_id)
+    when those three are well formed; anything else (not JSON, oversized, bad fields) is None."""
+    data = as_json(envelope(seq=7))
+    data["items"][0]["surprise"] = 1
+    raw = json.dumps(data).encode()
+    with pytest.raises(m.MessageError):
+        m.decode(raw, m.TelemetryEnvelope)
+    key = ("00112233aabbccdd", 7, "00000000-0000-4000-8000-000000000000")
+    assert m.envelope_key(raw) == key
+    assert m.envelope_key(zlib.compress(raw)) == key
+    for bad in (b"", b"not json", b"[1]", b"{" + b" " * m.TelemetryEnvelope.MAX_WIRE_BYTES,
+                json.dumps({**data, "seq": "7"}).encode(),
+                json.dumps({**data, "seq": True}).encode(),
+                json.dumps({**data, "stream": "XYZ"}).encode()):
+        assert m.envelope_key(bad) is None
