@@ -10,8 +10,8 @@ One paho-mqtt client (callback API version 2) and two threads of ours:
 - the **publisher thread** owns every outbox read and write (:class:`~edge_agent.outbox.Outbox`):
   it applies receipts, subscribes after each connect, publishes the online state (and again when
   the agent's slots or swap phase change), resends unreceipted batches in seq order (after every
-  reconnect and after ``resend_after_seconds``) and forms new batches while fewer than
-  ``max_inflight`` wait for a receipt.
+  reconnect, and after ``resend_after_seconds``, doubling up to 16x while the hub does not
+  answer) and forms new batches while fewer than ``max_inflight`` wait for a receipt.
 
 paho's callbacks only set events and enqueue what arrived; no database work happens in paho's
 thread, and serving never waits on the network or on the outbox (the agent's writer only calls
@@ -89,6 +89,17 @@ def agent_version() -> str:
 
 
 AGENT_VERSION = agent_version()
+
+
+#: a batch the hub does not answer is resent after resend_after, 2x, 4x ... at most this many x
+RESEND_BACKOFF_CAP = 16
+
+
+def resend_wait(resend_after: float, resends: int) -> float:
+    """How long after its last send an unreceipted batch is sent again, when it was already
+    resent ``resends`` times without the hub answering: a hub that is down (or working through
+    a backlog) is not fed the same batches every ``resend_after`` seconds."""
+    return resend_after * min(2.0 ** min(resends, 30), RESEND_BACKOFF_CAP)
 
 
 def full_jitter(attempt: int, base: float, cap: float, rng: random.Random) -> float:
@@ -240,6 +251,8 @@ class Sync:
         # publisher thread only
         self._seen_generation = 0
         self._last_sent: dict[int, float] = {}  # seq -> monotonic time of its last publish
+        #: seq -> timed resends since the hub last answered (each waits twice as long)
+        self._resends: dict[int, int] = {}
         self._ever_sent: set[int] = set()
         self._last_state: dict[str, Any] | None = None
         self._client = self._make_client()
@@ -545,6 +558,7 @@ class Sync:
                 self._stats.last_receipt_seq = max(self._stats.last_receipt_seq, msg.up_to_seq)
             for seq in [s for s in self._last_sent if s <= msg.up_to_seq]:
                 del self._last_sent[seq]
+            self._resends.clear()  # the hub answers: back to the normal cadence
             self._ever_sent = {s for s in self._ever_sent if s > msg.up_to_seq}
             log.debug("receipt up to seq %d: %d batches done", msg.up_to_seq, deleted)
         elif isinstance(msg, Command):
@@ -577,8 +591,11 @@ class Sync:
         now = time.monotonic()
         for seq in self.outbox.inflight():
             last = self._last_sent.get(seq)
-            if last is not None and now - last < self.settings.resend_after_seconds:
-                continue
+            if last is not None:
+                if now - last < resend_wait(self.settings.resend_after_seconds,
+                                            self._resends.get(seq, 0)):
+                    continue
+                self._resends[seq] = self._resends.get(seq, 0) + 1
             batch = self.outbox.batch(seq)
             if batch is not None and not self._send(batch):
                 return False

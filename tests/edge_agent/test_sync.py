@@ -727,3 +727,11 @@ def test_agent_run_standalone_will_and_clean_stop(tmp_path: Path, keypair: Any,
     assert out.returncode == 0, out.stderr
     assert f"broker      {mosquitto.url}" in out.stdout
     assert "receipt     up to seq" in out.stdout and "dropped     none" in out.stdout
+
+
+def test_unanswered_resends_back_off_to_a_cap() -> None:
+    from edge_agent.sync import RESEND_BACKOFF_CAP, resend_wait
+
+    waits = [resend_wait(30.0, k) for k in range(8)]
+    assert waits[:5] == [30.0, 60.0, 120.0, 240.0, 480.0]
+    assert max(waits) == 30.0 * RESEND_BACKOFF_CAP and waits == sorted(waits)
