@@ -602,3 +602,22 @@ def ingest(store: HubStore, messages: Sequence[tuple[str, bytes]], *, now: float
              result.stored, result.duplicates, result.conflicts, result.states, result.acks,
              result.rejected, len(result.receipts), (time.perf_counter() - t0) * 1000)
     return result
+
+
+def record_unstorable(store: HubStore, topic: str, payload: bytes, reason: str, *, now: float,
+                      worker: str = "") -> IngestResult:
+    """Record a message the database refused every time while it took others (see
+    cloud_hub.worker): counted as a rejection of kind "unstorable", with a marker for a
+    telemetry envelope that still names its stream and seq (so its device's receipts pass it).
+    HubStoreError when even that cannot be written (then the database is down: do not ack)."""
+    try:
+        device, kind = topics.parse(topic)
+    except ProtocolError:
+        device, kind = None, None
+    key = envelope_key(payload) if kind == "telemetry" else None
+    size = len(payload) if isinstance(payload, bytes | bytearray) else -1
+    rejection = Rejection(device, str(topic)[:_MAX_TOPIC_CHARS], "unstorable",
+                          f"the database refused it on every try: {reason}"[:1000], size, key)
+    log.error("UNSTORABLE device=%s topic=%.200r size=%d: %s", device, topic, size, reason)
+    return store.run_write(lambda conn: _write(store, conn, [], [rejection], now, worker),
+                           what="recording an unstorable message")

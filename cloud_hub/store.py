@@ -574,6 +574,14 @@ class HubStore:
 
         return ingest(self, messages, now=now, worker=worker)
 
+    def record_unstorable(self, topic: str, payload: bytes, reason: str, *, now: float,
+                          worker: str = "") -> IngestResult:
+        """Count a message the database refused on every try as rejected ("unstorable"); see
+        :func:`cloud_hub.ingest.record_unstorable`."""
+        from cloud_hub.ingest import record_unstorable
+
+        return record_unstorable(self, topic, payload, reason, now=now, worker=worker)
+
     def refresh_rollups(self, model_name: str | None = None,
                         model_version: str | None = None) -> int:
         """Recompute the dirty drift rollups (of one model version, or all); the number of

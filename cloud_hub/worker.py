@@ -236,6 +236,7 @@ class HubWorker:
         self._stop_ingest = threading.Event()
         self._net_thread: threading.Thread | None = None
         self._ingest_thread: threading.Thread | None = None
+        self._last_error = ""
         self._pending: list[Any] = []  # MQTTMessageInfo of receipts the broker has not taken
         self._reject_log = _RateLimit(log_burst, log_every, time.monotonic)
         self._error_log = _RateLimit(5, 10.0, time.monotonic)
@@ -469,28 +470,23 @@ class HubWorker:
                 return
 
     def _handle(self, batch: list[_Received]) -> None:
-        attempt = 0
-        while True:
-            try:
-                result = self.store.ingest([(m.topic, m.payload) for m in batch],
-                                           now=self.clock(), worker=self.client_id)
-                break
-            except Exception as err:  # the store's own errors and any bug: never ack, retry
-                with self._lock:
-                    self._counts["store_errors"] += 1
-                if self._error_log.allow():
-                    log.error("worker %s: store.ingest of %d messages failed, retrying (nothing "
-                              "acknowledged): %s", self.client_id, len(batch), err,
-                              exc_info=not isinstance(err, HubStoreError))
-                if self._stop_ingest.is_set():
-                    if attempt >= 2:
-                        log.error("worker %s stops with %d messages not stored; the broker and "
-                                  "the devices deliver them again", self.client_id, len(batch))
-                        return
-                    time.sleep(0.1)
-                else:
-                    self._stop_ingest.wait(min(5.0, 0.1 * 2 ** attempt))
-                attempt += 1
+        """Store a batch, then receipt and ack it. A batch the store keeps refusing is split in
+        halves (each retried on its own) until the message it chokes on is alone; that one is
+        recorded as "unstorable" and acked when the database meanwhile takes other writes, and
+        retried without ack while the database takes nothing (it is down: the broker keeps the
+        messages)."""
+        result = self._store_with_retries(batch, tries=3 if len(batch) > 1 else 5)
+        if result is None and len(batch) > 1 and not self._stop_ingest.is_set():
+            half = len(batch) // 2
+            self._handle(batch[:half])
+            self._handle(batch[half:])
+            return
+        while result is None:
+            if self._stop_ingest.is_set():
+                log.error("worker %s stops with %d message(s) not stored; the broker and the "
+                          "devices deliver them again", self.client_id, len(batch))
+                return
+            result = self._unstorable_or_wait(batch[0])
         try:
             self._publish_receipts(result.receipts)
             self._ack(batch)
@@ -499,6 +495,43 @@ class HubWorker:
                 log.error("worker %s: receipts or acks of a stored batch failed: %s",
                           self.client_id, err, exc_info=True)
         self._count(result, len(batch))
+
+    def _store_with_retries(self, batch: list[_Received], tries: int) -> IngestResult | None:
+        for attempt in range(tries):
+            try:
+                return self.store.ingest([(m.topic, m.payload) for m in batch],
+                                         now=self.clock(), worker=self.client_id)
+            except Exception as err:  # the store's own errors and any bug: never ack, retry
+                with self._lock:
+                    self._counts["store_errors"] += 1
+                self._last_error = f"{type(err).__name__}: {err}"
+                if self._error_log.allow():
+                    log.error("worker %s: store.ingest of %d message(s) failed (nothing "
+                              "acknowledged): %s", self.client_id, len(batch), err,
+                              exc_info=not isinstance(err, HubStoreError))
+                if self._stop_ingest.is_set():
+                    return None
+                self._stop_ingest.wait(min(5.0, 0.1 * 2 ** attempt))
+        return None
+
+    def _unstorable_or_wait(self, message: _Received) -> IngestResult | None:
+        """One message the store will not take, after its own retries (the store's run_write
+        retries transient errors too). Recording it as unstorable is itself a write: if that
+        commits, the database takes writes and this message is what it refuses — the result
+        acks it; if not, the database is down (or full): wait, and let the caller retry it."""
+        record = getattr(self.store, "record_unstorable", None)
+        try:
+            if record is None:
+                raise HubStoreError("this store cannot record unstorable messages")
+            result: IngestResult = record(message.topic, message.payload, self._last_error,
+                                          now=self.clock(), worker=self.client_id)
+            return result
+        except Exception as err:
+            if self._error_log.allow():
+                log.error("worker %s: the database does not answer (%s); retrying, nothing "
+                          "acknowledged", self.client_id, err)
+            self._stop_ingest.wait(5.0)
+            return self._store_with_retries([message], tries=1)
 
     def _publish_receipts(self, receipts: dict[tuple[str, str], int]) -> None:
         now = self.clock()

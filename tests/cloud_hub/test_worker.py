@@ -307,6 +307,48 @@ def test_nothing_is_acked_before_it_is_stored(mosquitto: MosquittoProcess, tmp_p
         assert second.stats()["stored"] == 20
 
 
+class PoisonStore:
+    """The real store, except that any batch holding ``poison`` fails, as a message the
+    database refuses (not an outage: every other write goes through)."""
+
+    def __init__(self, store: HubStore, poison: bytes) -> None:
+        self.store = store
+        self.poison = poison
+        self.failures = 0
+
+    def ingest(self, batch: Any, *, now: float, worker: str = "") -> Any:
+        if any(payload == self.poison for _, payload in batch):
+            self.failures += 1
+            raise HubStoreError("value violates a constraint (test)")
+        return self.store.ingest(batch, now=now, worker=worker)
+
+    def record_unstorable(self, *args: Any, **kwargs: Any) -> Any:
+        return self.store.record_unstorable(*args, **kwargs)
+
+
+def test_a_message_the_database_refuses_is_isolated_recorded_and_passed(
+        mosquitto: MosquittoProcess, tmp_path: Path, workers: list[HubWorker],
+        fleet_factory: Callable[..., FleetSim]) -> None:
+    """One message that makes every batch holding it fail does not wedge the worker: batches
+    split until it is alone, it is recorded as "unstorable" (a marker, so its device's receipts
+    pass its seq) and acknowledged; everything else is stored once."""
+    with HubStore(path=tmp_path / "hub.db") as store:
+        poisoned = PoisonStore(store, envelope("pi-2", 5))
+        worker = start_worker(workers, poisoned, mosquitto.url, client_id="hub-poison",
+                              batch_max=50, batch_wait=0.2)
+        fleet = fleet_factory(mosquitto.url, ["pi-1", "pi-2"])
+        fleet.publish_range(range(1, 11))
+        wait_for(lambda: fleet.all_receipted(10), 60, "every seq receipted, seq 5 of pi-2 too")
+        assert poisoned.failures >= 2
+        counters = store.counters()
+        assert counters.rejections.get("unstorable") == 1
+        assert counters.messages == 19
+        counts = stored_counts(store)
+        assert ("pi-2", 5) not in counts and all(n == 1 for n in counts.values())
+        assert len(counts) == 19
+        assert worker.stats()["rejected"] == 1
+
+
 def test_store_recovering_mid_stream_loses_nothing(mosquitto: MosquittoProcess, tmp_path: Path,
                                                    workers: list[HubWorker],
                                                    fleet_factory: Callable[..., FleetSim]
