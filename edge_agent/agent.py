@@ -1,10 +1,11 @@
 """The agent: verified models in slots, serving, telemetry, and the writer thread.
 
-Serving never waits on disk: :meth:`Agent.predict` validates, preprocesses (numba), runs
-onnxruntime, and appends to in-memory telemetry. A writer thread commits every
-``flush_interval_seconds`` (default 1 s) in one SQLite transaction with ``synchronous=FULL``:
-a power cut loses at most the last interval of the open window's sketch updates and prediction
-records; a committed window is never lost.
+Serving never waits on disk, nor on the sketches: :meth:`Agent.predict` validates,
+preprocesses (numba), runs onnxruntime, copies the rows into in-memory telemetry, and a fold
+thread sketches them (:mod:`edge_agent.telemetry`). A writer thread commits every
+``flush_interval_seconds`` (default 1 s) in one SQLite transaction with ``synchronous=FULL``,
+after folding every row served before the flush: a power cut loses at most the last interval
+of the open window's sketch updates and prediction records; a committed window is never lost.
 
 Slots: ``blue`` serves; ``green`` is the candidate slot that the swap (a later issue) fills
 beside it. Both hold a :class:`LoadedModel`, so a second model loads next to the first.
@@ -17,9 +18,8 @@ each flush, it reads the agent's state through :meth:`Agent.state_message`, and
 
 from __future__ import annotations
 
-import collections
+import functools
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -54,7 +54,12 @@ from edge_agent.store import AgentStore, SlotRecord, WriteBatch
 from edge_agent.swap import RESTING
 from edge_agent.swap_events import Commit, HealthStats, Promote, Stage, SwapPhase, is_older
 from edge_agent.swap_runner import SwapRunner, stats_of
-from edge_agent.telemetry import ModelTelemetry, TelemetryRecorder
+from edge_agent.telemetry import (
+    FOLD_QUEUE_ROWS,
+    STAGE_ROWS,
+    ModelTelemetry,
+    TelemetryRecorder,
+)
 from edge_agent.validation import InputValidator
 from fleet_protocol.messages import SlotInfo, Slots, StateMessage
 
@@ -66,6 +71,8 @@ __all__ = ["Agent", "LoadedModel", "PredictResult"]
 log = logging.getLogger(__name__)
 
 SLOTS = ("blue", "green")
+_perf_ns = time.perf_counter_ns
+_isfinite = math.isfinite
 
 
 @dataclass(frozen=True)
@@ -78,11 +85,12 @@ class LoadedModel:
     telemetry: ModelTelemetry
     path: Path
 
-    @property
+    # cached: every request reads them
+    @functools.cached_property
     def name(self) -> str:
         return self.bundle.manifest.name
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
         return self.bundle.manifest.version
 
@@ -139,12 +147,19 @@ def load_model(path: Path, trusted: list[Any], config: AgentConfig,
 
 
 class Agent:
-    """The device daemon's core, usable in-process: ``Agent(config).predict(row)``."""
+    """The device daemon's core, usable in-process: ``Agent(config).predict(row)``.
+
+    ``stage_rows``, ``fold_queue_rows`` and ``fold_thread`` size the sketching off the request
+    path (see :class:`~edge_agent.telemetry.TelemetryRecorder`); the defaults suit serving.
+    """
 
     def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time,
-                 start_writer: bool = True, start_sync: bool = True) -> None:
+                 start_writer: bool = True, start_sync: bool = True,
+                 stage_rows: int = STAGE_ROWS, fold_queue_rows: int = FOLD_QUEUE_ROWS,
+                 fold_thread: bool = True) -> None:
         self.config = config
         self.clock = clock
+        self._sample_inputs = config.privacy.sample_inputs
         config.data_dir.mkdir(parents=True, exist_ok=True)
         config.bundles_dir.mkdir(parents=True, exist_ok=True)
         self.trusted = [load_public_key(p) for p in config.trusted_keys]
@@ -154,16 +169,23 @@ class Agent:
                                                     if config.sync.enabled else None))
         #: the link to the hub (None: sync not configured, or not started yet)
         self.sync: Sync | None = None
-        self.recorder = TelemetryRecorder(config.telemetry.window_seconds, clock=clock)
+        #: rows are sketched off the request path, by a fold thread (see edge_agent.telemetry)
+        self.recorder = TelemetryRecorder(config.telemetry.window_seconds, clock=clock,
+                                          stage_rows=stage_rows,
+                                          fold_queue_rows=fold_queue_rows,
+                                          fold_thread=fold_thread)
         #: ONNX allow-list results by model sha256, persisted (the walk is slow on big trees)
         self.onnx_checked = self.store.onnx_checks()
         self.slots: dict[str, LoadedModel | None] = dict.fromkeys(SLOTS)
         self.boot = secrets.token_hex(4)
-        # Ids: "<boot>-<hex counter>". Single rows count up from 0 with an atomic counter;
-        # batches take blocks from 2**48 up, under a lock.
-        self._single_ids = itertools.count()
+        # Ids: "<boot>-<hex counter>". Single rows count up from 0, batches take blocks from
+        # 2**48 up, both under _pending_lock.
+        self._next_single = 0
         self._next_batch_id = 1 << 48
-        self._pending: collections.deque[_Pending] = collections.deque()
+        #: served requests awaiting the writer, in order, and the run single rows extend
+        #: (both under _pending_lock)
+        self._pending: list[_Run | _Pending] = []
+        self._run: _Run | None = None
         self._pending_lock = threading.Lock()
         #: one flush at a time: what a flush took is committed before another flush returns
         self._flush_lock = threading.Lock()
@@ -384,8 +406,10 @@ class Agent:
         """Serve one request: a row (mapping or 1-D array) or a batch (2-D array, columns).
 
         ``key`` makes the canary split sticky (the same key always goes to the same slot).
+        Sketching is not on this path: the rows go to the recorder's fold queue (see
+        :mod:`edge_agent.telemetry`), and a flush folds everything queued before it.
         """
-        t0 = time.perf_counter_ns()
+        t0 = _perf_ns()
         loaded = self.slots[self.active]
         if loaded is None or not self._accepting:
             loaded = self.serving()  # raises NotReadyError with the reason
@@ -394,54 +418,62 @@ class Agent:
             green = self.slots["green"]
             if canary > 0 and green is not None and _canary_pick(key, canary, self._rng):
                 loaded = green
+        validator = loaded.validator
         try:
-            model_in = loaded.validator.validate(inputs)
+            model_in = validator.validate(inputs)
         except InputError:
             self.recorder.record_rejected(loaded.telemetry)
             raise
+        model = loaded.model
         try:
-            feats = loaded.model.features(model_in)
-            pred = loaded.model.run_features(feats)
+            feats = model.features(model_in)
+            pred = model.run_features(feats)
         except Exception:
             self.recorder.record_error(loaded.telemetry)
             raise
-        tel = loaded.telemetry
-        n = len(pred.labels)
-        raw_oor = raw_empty = 0
-        if loaded.validator.signal:
-            raw_oor, raw_empty = loaded.validator.signal_checks(model_in)
+        labels = pred.labels
         now = self.clock()
-        if n == 1:  # the common case, kept free of per-call numpy reductions
-            if pred.probabilities is not None:
-                score = max(pred.probabilities[0].tolist())
-                assert pred.codes is not None
-                out = float(pred.codes[0])
-            else:
-                assert pred.values is not None
-                score = out = float(pred.values[0])
-            # a copy: the caller may reuse its input array for the next request
-            row = (feats[0].copy() if isinstance(feats, np.ndarray)
-                   else tel.feature_rows(feats)[0])
-            if raw_oor or raw_empty or not math.isfinite(score):
-                self.recorder.record_flags(tel, raw_oor, raw_empty,
-                                           0 if math.isfinite(score) else 1)
-            latency_us = (time.perf_counter_ns() - t0) / 1000.0
-            self.recorder.record_one(tel, now, row, out, score, latency_us)
-            first = next(self._single_ids)
-            # deque.append is atomic; the writer pops from the other end
-            self._pending.append((self.boot, first, 1, now, loaded.name, loaded.version,
-                                  pred.labels[0], score))
+        if validator.signal:
+            raw_oor, raw_empty = validator.signal_checks(model_in)
         else:
-            latency_us = (time.perf_counter_ns() - t0) / 1000.0
+            raw_oor = raw_empty = 0
+        if len(labels) == 1:  # the common case, kept free of per-call numpy reductions
+            n = 1
+            probabilities = pred.probabilities
+            if probabilities is not None:
+                score = max(probabilities.tolist()[0])
+                out = float(pred.codes[0])  # type: ignore[index]  # classifiers have codes
+            else:
+                score = out = float(pred.values[0])  # type: ignore[index]  # regressors values
+            # bytes: an immutable copy, as the caller may reuse its input array
+            row = (feats.tobytes() if type(feats) is np.ndarray
+                   else loaded.telemetry.feature_rows(feats).astype(np.float32).tobytes())
+            if raw_oor or raw_empty or not _isfinite(score):
+                self.recorder.record_flags(loaded.telemetry, raw_oor, raw_empty,
+                                           0 if _isfinite(score) else 1)
+            self.recorder.record_one(loaded.telemetry, now, row, out, score,
+                                     (_perf_ns() - t0) / 1000.0)
+            with self._pending_lock:  # extend the run of single rows (one stored row per run)
+                run = self._run
+                if run is None or run.loaded is not loaded:
+                    run = self._run = _Run(self._next_single, now, loaded)
+                    self._pending.append(run)
+                first = self._next_single
+                self._next_single = first + 1
+                run.labels.append(labels[0])
+                run.scores.append(score)
+        else:
+            n = len(labels)
+            latency_us = (_perf_ns() - t0) / 1000.0
             scores = self._record_batch(loaded, feats, pred, latency_us, raw_oor, raw_empty)
             with self._pending_lock:  # a batch takes a block of ids from its own range
                 first = self._next_batch_id
                 self._next_batch_id += n
-            self._pending.append((self.boot, first, n, now, loaded.name, loaded.version,
-                                  pred.labels, scores))
-        if self.config.privacy.sample_inputs:
+                self._pending.append((first, now, loaded, labels, scores))
+                self._run = None
+        if self._sample_inputs:
             self._sample(first, n, now, loaded, model_in)
-        result = PredictResult(loaded.name, loaded.version, first, self.boot, pred.labels,
+        result = PredictResult(loaded.name, loaded.version, first, self.boot, labels,
                                pred.probabilities, pred.values)
         if self._shadow and loaded is self.slots["blue"]:
             try:  # off the request path: a full queue drops the shadow run, never waits
@@ -452,17 +484,18 @@ class Agent:
 
     def _record_batch(self, loaded: LoadedModel, feats: Any, pred: Prediction,
                       latency_us: float, raw_oor: int, raw_empty: int) -> np.ndarray:
-        """Sketch a batch's features and outputs; returns its scores (confidence or value)."""
-        tel = loaded.telemetry
-        n = len(pred.labels)
+        """Stage a batch's features and outputs for the fold; returns its scores (confidence
+        or value)."""
         scores = _scores(pred)
+        nonfinite = len(scores) - int(np.count_nonzero(np.isfinite(scores)))
         if pred.codes is not None:
-            out_rows = np.column_stack([pred.codes.astype(np.float64), scores])
+            self.recorder.record(loaded.telemetry, feats, pred.codes, scores, latency_us,
+                                 raw_out_of_range=raw_oor, raw_empty=raw_empty,
+                                 nonfinite=nonfinite)
         else:
-            out_rows = np.asarray(scores, dtype=np.float64).reshape(-1, 1)
-        nonfinite = int(n - np.isfinite(scores).sum())
-        self.recorder.record(tel, feats, out_rows, latency_us, n, raw_out_of_range=raw_oor,
-                             raw_empty=raw_empty, nonfinite=nonfinite)
+            self.recorder.record(loaded.telemetry, feats, scores, None, latency_us,
+                                 raw_out_of_range=raw_oor, raw_empty=raw_empty,
+                                 nonfinite=nonfinite)
         return scores
 
     def _shadow_loop(self) -> None:
@@ -566,14 +599,13 @@ class Agent:
     # --- the writer ------------------------------------------------------------------------
 
     def _take_pending(self) -> WriteBatch:
-        pending = []
-        while self._pending:
-            pending.append(self._pending.popleft())
         with self._pending_lock:
+            pending, self._pending = self._pending, []
+            self._run = None
             feedback, self._feedback = self._feedback, []
             events, self._events = self._events, []
             samples, self._samples = self._samples, []
-        return WriteBatch(predictions=_prediction_rows(pending), feedback=feedback,
+        return WriteBatch(predictions=_prediction_rows(self.boot, pending), feedback=feedback,
                           samples=samples, events=events)
 
     def _flush_pending_predictions_only(self) -> None:
@@ -617,7 +649,8 @@ class Agent:
             self._shadow_thread.join(timeout=30)
         if self._writer is not None:
             self._writer.join(timeout=30)
-        self.flush()
+        self.flush()  # folds every queued row first
+        self.recorder.close()
         self.store.close()
 
     def __enter__(self) -> Agent:
@@ -640,46 +673,54 @@ class Agent:
                 "sync": None if self.sync is None else self.sync.status()}
 
 
-#: a served request awaiting the writer: (boot, first id, rows, time, model, version, labels,
-#: scores) — a single row carries a label string and a float, a batch two arrays
-_Pending = tuple[str, int, int, float, str, str, Any, Any]
+#: a served batch awaiting the writer: (first id, time, model, labels, scores)
+_Pending = tuple[int, float, LoadedModel, np.ndarray, np.ndarray]
+
+
+class _Run:
+    """Consecutive single-row requests of one model (ids first..first+n-1), awaiting the writer
+    as one stored row: serving appends a label and a score, the writer takes whole runs."""
+
+    __slots__ = ("first", "labels", "loaded", "scores", "ts")
+
+    def __init__(self, first: int, ts: float, loaded: LoadedModel) -> None:
+        self.first = first
+        self.ts = ts
+        self.loaded = loaded
+        self.labels: list[str] = []
+        self.scores: list[float] = []
 
 
 def _scores(pred: Prediction) -> np.ndarray:
-    if pred.probabilities is not None:
-        return np.asarray(pred.probabilities.max(axis=1))
-    assert pred.values is not None
-    return pred.values
+    """Each row's confidence (its largest probability, NaN if any is NaN) or value, as a new
+    array (the values are the caller's too)."""
+    p = pred.probabilities
+    if p is None:
+        assert pred.values is not None
+        return pred.values.copy()
+    if p.ndim != 2 or p.shape[1] > 32:
+        return np.asarray(p.max(axis=1))
+    # max(axis=1) over a few columns is ~15x slower than a maximum per column (numpy reduces
+    # a short inner axis element by element); the same maximum ufunc, in the same order.
+    out = p[:, 0].copy()
+    for k in range(1, p.shape[1]):
+        np.maximum(out, p[:, k], out=out)
+    return out
 
 
-def _prediction_rows(pending: list[_Pending]) -> list[tuple[str, int, int, float, str, str, str,
-                                                              bytes]]:
+def _prediction_rows(boot: str, pending: list[_Run | _Pending]
+                     ) -> list[tuple[str, int, int, float, str, str, str, bytes]]:
     """One predictions row per run of consecutive single-row requests (ids first..first+n-1 of
     one model), and one per batch: the writer's work stays small however busy serving is."""
     rows: list[tuple[str, int, int, float, str, str, str, bytes]] = []
-    run: list[Any] | None = None
-
-    def close() -> None:
-        if run is not None:
-            rows.append((run[0], run[1], run[2], run[3], run[4], run[5], json.dumps(run[6]),
-                         np.asarray(run[7], dtype="<f4").tobytes()))
-
-    for boot, first, n, ts, name, version, labels, scores in pending:
-        if n == 1 and isinstance(labels, str):
-            if (run is not None and run[0] == boot and run[1] + run[2] == first
-                    and run[4] == name and run[5] == version):
-                run[2] += 1
-                run[6].append(labels)
-                run[7].append(scores)
-                continue
-            close()
-            run = [boot, first, 1, ts, name, version, [labels], [scores]]
+    for p in pending:
+        if isinstance(p, _Run):
+            rows.append((boot, p.first, len(p.labels), p.ts, p.loaded.name, p.loaded.version,
+                         json.dumps(p.labels), np.asarray(p.scores, dtype="<f4").tobytes()))
             continue
-        close()
-        run = None
-        rows.append((boot, first, n, ts, name, version, json.dumps(labels.tolist()),
-                     np.asarray(scores, dtype="<f4").tobytes()))
-    close()
+        first, ts, loaded, labels, scores = p
+        rows.append((boot, first, len(labels), ts, loaded.name, loaded.version,
+                     json.dumps(labels.tolist()), np.asarray(scores, dtype="<f4").tobytes()))
     return rows
 
 

@@ -1,15 +1,34 @@
 """Per-window telemetry: drift sketches, input/output/software metrics, feedback.
 
-One :class:`ModelWindow` per (tumbling window, model version). A single-row request only appends
-a reference to its feature row, its output and its latency to a list (a fraction of a
-microsecond); every 256 requests, or at a checkpoint, the batch is stacked and folded into the
-sketches by a numba kernel and into the latency histogram by one vectorised call. Nothing here
-touches the disk: :meth:`TelemetryRecorder.collect` hands the writer thread snapshots of open
-windows (checkpoints) and closed windows.
+One :class:`ModelWindow` per (tumbling window, model version). Serving only counts and copies;
+sketching happens on a fold thread, off the request path:
+
+- a single-row request appends one tuple (model, time, feature row as float32 bytes, output,
+  score, latency) to a deque, without a lock; every SINGLES_DRAIN requests (and before a batch
+  or a flush) they move to their windows, and each full block of BUFFER_ROWS rows of a window
+  is counted and copied into the window's *stage*, as one batch (what is left at a flush
+  too);
+- a batch request is counted and copied into its window's stage, as one batch;
+- a full stage (``stage_rows``) goes to the fold queue, which the fold thread empties with one
+  numba call per sketch (:func:`~edge_agent.sketching.update_sketch_segments`, GIL released).
+  When more than ``fold_queue_rows`` rows wait, the request that overfilled the queue folds the
+  oldest stages itself (backpressure: no row is ever dropped).
+
+Every batch is folded as its own batch, in the order it was staged, whichever thread folds it,
+so the sketches are the same bits as folding each batch synchronously when it was served.
+
+Two locks: ``_lock`` guards the windows, their counters, latency histograms and stages;
+``_fold_lock`` guards the sketches and is held while a stage is folded. Stages are queued under
+``_lock``, so :meth:`TelemetryRecorder.collect` (the writer), holding both, folds every row
+staged or queued before it snapshots: a flush commits everything served before it, and a window
+is closed only after its rows are folded. Nothing here touches the disk: ``collect`` hands the
+writer thread snapshots of open windows (checkpoints) and closed windows.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import math
 import os
 import threading
@@ -21,16 +40,28 @@ from typing import Any
 import numpy as np
 
 from edge_agent.concept_drift import Adwin
+from edge_agent.errors import AgentError
 from edge_agent.latency import LatencyHistogram
-from edge_agent.sketching import KernelLayout, update_sketch
+from edge_agent.sketching import KernelLayout, update_sketch_segments, warmup
 from edge_agent.store import WindowRow
 from fleet_protocol.layouts import layouts_of
 from fleet_protocol.manifest import BundleManifest
 from fleet_protocol.sketch import Sketch, SketchLayout
 
-__all__ = ["ModelTelemetry", "ModelWindow", "TelemetryRecorder", "layouts_of"]
+__all__ = ["FOLD_QUEUE_ROWS", "STAGE_ROWS", "ModelTelemetry", "ModelWindow", "TelemetryRecorder",
+           "layouts_of"]
 
+log = logging.getLogger(__name__)
+
+#: single-row requests of a window staged together, as one batch
 BUFFER_ROWS = 256
+#: single-row requests that wait in the deque before the request that adds the last one moves
+#: them to their windows (~0.4 µs each: rarer and longer pauses keep them out of the p99)
+SINGLES_DRAIN = 4 * BUFFER_ROWS
+#: rows a window's stage holds before it goes to the fold queue (16 features: 0.5 MiB)
+STAGE_ROWS = 4096
+#: rows that may wait on the fold queue before a request folds the oldest stage itself
+FOLD_QUEUE_ROWS = 2 * STAGE_ROWS
 
 
 @dataclass
@@ -47,8 +78,13 @@ class ModelTelemetry:
     label_codes: dict[str, int] = field(init=False)
     other_label: int = field(init=False)
     category_codes: list[dict[str, int] | None] = field(init=False)
+    #: (name, version): the recorder's key, built once (it is looked up on every request)
+    key: tuple[str, str] = field(init=False)
+    classifier: bool = field(init=False)
 
     def __post_init__(self) -> None:
+        self.key = (self.name, self.version)
+        self.classifier = self.manifest.task == "classification"
         self.input_layout, self.output_layout = layouts_of(self.manifest)
         self.k_in = KernelLayout.from_layout(self.input_layout)
         self.k_out = KernelLayout.from_layout(self.output_layout)
@@ -58,14 +94,6 @@ class ModelTelemetry:
             {c: i for i, c in enumerate(f.categories)} if f.kind == "categorical" else None
             for f in self.input_layout.features
         ]
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.name, self.version)
-
-    @property
-    def classifier(self) -> bool:
-        return self.manifest.task == "classification"
 
     def feature_rows(self, feats: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
         """Model features as float64 rows for the kernels (categories as codes)."""
@@ -94,8 +122,15 @@ class ModelWindow:
     end: float
     inputs: Sketch
     outputs: Sketch
-    #: single-row requests not folded yet: (feature row, output code/value, score, latency us)
-    pending: list[tuple[np.ndarray, float, float, float]] = field(default_factory=list)
+    #: single-row requests not staged yet (nor counted in requests, rows and latency), by
+    #: column: feature rows as float32 bytes (an immutable copy, as the caller may reuse its
+    #: array, and cheap to join), output codes or values, scores, latencies in µs
+    buffered_rows: list[bytes] = field(default_factory=list)
+    buffered_outputs: list[float] = field(default_factory=list)
+    buffered_scores: list[float] = field(default_factory=list)
+    buffered_latency: list[float] = field(default_factory=list)
+    #: rows copied here and not queued for the fold yet (None: nothing staged)
+    stage: _Stage | None = None
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     requests: int = 0
     rows: int = 0
@@ -125,19 +160,24 @@ class ModelWindow:
             confusion=np.zeros((n_labels, n_labels), dtype=np.int64) if n_labels else None,
         )
 
-    def fold(self) -> None:
-        """Fold the buffered rows into the sketches (numba)."""
-        pending, self.pending = self.pending, []
-        if not pending:
-            return
-        rows = np.vstack([p[0] for p in pending]).astype(np.float64, copy=False)
-        update_sketch(self.inputs, self.model.k_in, rows)
-        if self.model.classifier:
-            outs = np.array([(p[1], p[2]) for p in pending], dtype=np.float64)
-        else:
-            outs = np.array([(p[1],) for p in pending], dtype=np.float64)
-        update_sketch(self.outputs, self.model.k_out, outs)
-        self.latency.record_many(np.array([p[3] for p in pending], dtype=np.float64))
+    def take_buffered(self, limit: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+        """The first ``limit`` (default all) buffered single rows as one batch (float32 rows,
+        outputs, scores or None), now counted (requests, rows, latency) and out of the buffer;
+        None when nothing is buffered."""
+        n = len(self.buffered_rows) if limit is None else min(limit, len(self.buffered_rows))
+        if not n:
+            return None
+        rows, self.buffered_rows = self.buffered_rows[:n], self.buffered_rows[n:]
+        outputs, self.buffered_outputs = self.buffered_outputs[:n], self.buffered_outputs[n:]
+        scores, self.buffered_scores = self.buffered_scores[:n], self.buffered_scores[n:]
+        latency, self.buffered_latency = self.buffered_latency[:n], self.buffered_latency[n:]
+        self.requests += n
+        self.rows += n
+        self.latency.record_many(np.array(latency, dtype=np.float64))
+        return (np.frombuffer(b"".join(rows), dtype=np.float32).reshape(n, -1),
+                np.array(outputs, dtype=np.float64),
+                np.array(scores, dtype=np.float64) if self.model.classifier else None)
 
     def metrics(self, rss_bytes: int | None) -> dict[str, Any]:
         per_feature: dict[str, dict[str, int]] = {}
@@ -176,7 +216,7 @@ class ModelWindow:
         return out
 
     def row(self, closed: bool, now: float, rss_bytes: int | None) -> WindowRow:
-        self.fold()
+        """The window as the writer stores it; every fold job of it must have been folded."""
         return WindowRow(
             start=self.start, end=self.end, model_name=self.model.name,
             model_version=self.model.version, slot=self.slot, closed=closed,
@@ -213,6 +253,43 @@ class ModelWindow:
             self.confusion += np.asarray(fb["confusion"], dtype=np.int64)
 
 
+class _Stage:
+    """Rows of one window staged for the fold, in arrival order: float64 feature rows, output
+    rows, and where each batch ends (each request's batch, or a block of buffered single rows,
+    is folded as its own batch: the same bits as folding it when it arrived)."""
+
+    __slots__ = ("ends", "n", "outputs", "rows", "window")
+
+    def __init__(self, window: ModelWindow, rows: np.ndarray, outputs: np.ndarray) -> None:
+        self.window = window
+        self.rows = rows
+        self.outputs = outputs
+        self.n = 0
+        self.ends: list[int] = []
+
+    @property
+    def capacity(self) -> int:
+        return int(self.rows.shape[0])
+
+    def add(self, rows: np.ndarray, outputs: np.ndarray, scores: np.ndarray | None) -> None:
+        """Copy a batch in (the copy is what makes it safe to fold on another thread)."""
+        a = self.n
+        b = a + len(outputs)
+        self.rows[a:b] = rows
+        self.outputs[a:b, 0] = outputs
+        if scores is not None:
+            self.outputs[a:b, 1] = scores
+        self.n = b
+        self.ends.append(b)
+
+    def fold(self) -> None:
+        """Fold every staged batch into the window's sketches (caller holds the fold lock)."""
+        win = self.window
+        n = self.n
+        update_sketch_segments(win.inputs, win.model.k_in, self.rows[:n], self.ends)
+        update_sketch_segments(win.outputs, win.model.k_out, self.outputs[:n], self.ends)
+
+
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -226,9 +303,20 @@ def _rss_bytes() -> int | None:
 
 
 class TelemetryRecorder:
-    """Thread-safe accumulation of windows for every model that serves or shadows."""
+    """Thread-safe accumulation of windows for every model that serves or shadows.
 
-    def __init__(self, window_seconds: float, *, clock: Callable[[], float] = time.time) -> None:
+    ``stage_rows`` is the size of a window's stage; ``fold_queue_rows`` bounds the rows waiting
+    for the fold thread (0: a full stage is folded by the request that filled it);
+    ``fold_thread=False`` starts no thread, so queued rows wait for the bound, :meth:`collect`
+    or :meth:`drain` (tests use it to fill the queue).
+    """
+
+    def __init__(self, window_seconds: float, *, clock: Callable[[], float] = time.time,
+                 stage_rows: int = STAGE_ROWS, fold_queue_rows: int = FOLD_QUEUE_ROWS,
+                 fold_thread: bool = True) -> None:
+        if stage_rows < 1 or fold_queue_rows < 0:
+            raise AgentError(f"stage_rows {stage_rows} and fold_queue_rows {fold_queue_rows}: "
+                             "expected stage_rows >= 1 and fold_queue_rows >= 0")
         self.window_seconds = window_seconds
         self.clock = clock
         self._lock = threading.Lock()
@@ -236,6 +324,28 @@ class TelemetryRecorder:
         self._closed: list[ModelWindow] = []
         self._models: dict[tuple[str, str], tuple[ModelTelemetry, str]] = {}
         self._adwin: dict[tuple[str, str], Adwin] = {}
+        #: single-row requests not in a window yet: (model, time, row, output, score, latency)
+        self._singles: collections.deque[tuple[ModelTelemetry, float, bytes, float, float,
+                                               float]] = collections.deque()
+        # The fold queue: full stages, appended under _lock and popped under _fold_lock one at
+        # a time and in order, whichever thread folds them. Rows queued and rows folded are
+        # counted separately (each under its own lock): their difference is the backlog.
+        self.stage_rows = stage_rows
+        self.fold_queue_rows = fold_queue_rows
+        self._fold_lock = threading.Lock()
+        self._jobs: collections.deque[_Stage] = collections.deque()
+        self._rows_queued = 0
+        self._rows_folded = 0
+        #: stages a request folded itself because the queue was full (under _fold_lock)
+        self.inline_folds = 0
+        # Folded stages' arrays, reused: a fresh 0.5 MiB array costs page faults on first touch
+        # (~60 µs on a small VM), more than the copy into it. Keyed by (n_in, n_out).
+        self._spare: dict[tuple[int, int], collections.deque[tuple[np.ndarray, np.ndarray]]] = {}
+        self._kernels_loaded = False
+        self._use_thread = fold_thread
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread: threading.Thread | None = None
 
     def register(self, model: ModelTelemetry, slot: str) -> None:
         with self._lock:
@@ -265,39 +375,207 @@ class TelemetryRecorder:
         with self._lock:
             if key not in self._models or self._bounds(now)[0] != row.start:
                 return False
-            self._window(key, now).restore(row)
+            with self._fold_lock:
+                self._window(key, now).restore(row)
             return True
 
     def record(self, model: ModelTelemetry, feats: np.ndarray | dict[str, np.ndarray],
-               out_rows: np.ndarray, latency_us: float, n_rows: int, *,
+               outputs: np.ndarray, scores: np.ndarray | None, latency_us: float, *,
                raw_out_of_range: int = 0, raw_empty: int = 0, nonfinite: int = 0) -> None:
-        """One served request: its model features, output rows and latency."""
-        rows = model.feature_rows(feats)
+        """One served batch: its model features, outputs (label codes or values), scores
+        (classifiers) and latency. The rows are copied into the window's stage here (the
+        caller may reuse its arrays) and folded later, on the fold thread.
+        """
+        rows = model.feature_rows(feats) if not isinstance(feats, np.ndarray) else feats
+        n_rows = len(outputs)
         now = self.clock()
         with self._lock:
-            win = self._window((model.name, model.version), now)
+            if self._singles:  # single rows served before this batch are staged before it
+                self._take_singles()
+            win = self._window(model.key, now)
             win.requests += 1
             win.rows += n_rows
             win.raw_out_of_range += raw_out_of_range
             win.raw_empty += raw_empty
             win.nonfinite_outputs += nonfinite
             win.latency.record(latency_us)
-            update_sketch(win.inputs, model.k_in, np.asarray(rows, dtype=np.float64))
-            update_sketch(win.outputs, model.k_out, out_rows)
+            self._stage(win, rows, outputs, scores)
+        self._after_staging()
 
-    def record_one(self, model: ModelTelemetry, now: float, row: np.ndarray, out: float,
+    def record_one(self, model: ModelTelemetry, now: float, row: bytes, out: float,
                    score: float, latency_us: float) -> None:
-        """One single-row request, the serving fast path: one list append under the lock; the
-        numba fold runs every BUFFER_ROWS requests."""
-        with self._lock:
-            win = self._open.get(model.key)
-            if win is None or now >= win.end:
-                win = self._window(model.key, now)
-            win.requests += 1
-            win.rows += 1
-            win.pending.append((row, out, score, latency_us))
-            if len(win.pending) >= BUFFER_ROWS:
-                win.fold()
+        """One single-row request, the serving fast path: one deque append, no lock; every
+        SINGLES_DRAIN requests the rows go to their windows, staged BUFFER_ROWS at a time.
+
+        ``row`` is the model features as float32 bytes (exact: they are float32 values or
+        small category codes).
+        """
+        singles = self._singles
+        singles.append((model, now, row, out, score, latency_us))
+        if len(singles) >= SINGLES_DRAIN:
+            with self._lock:
+                self._take_singles()
+            self._after_staging()
+
+    def _take_singles(self) -> None:
+        """Move the single-row requests into their windows' buffers, and stage every full
+        block of BUFFER_ROWS (caller holds _lock).
+
+        The deque is only appended to (atomically, without the lock) and popped from the left
+        under the lock, so no request is lost or taken twice.
+        """
+        singles = self._singles
+        n = len(singles)
+        if not n:
+            return
+        items = [singles.popleft() for _ in range(n)]
+        models, nows, rows, outputs, scores, latency = zip(*items, strict=True)
+        model = models[0]
+        win = self._open.get(model.key)
+        if win is not None and max(nows) < win.end and models.count(model) == n:
+            # the common case: one model, one window, taken by column
+            win.buffered_rows += rows
+            win.buffered_outputs += outputs
+            win.buffered_scores += scores
+            win.buffered_latency += latency
+            touched = {id(win): win}
+        else:
+            touched = {}
+            for item in items:
+                model, now = item[0], item[1]
+                win = self._open.get(model.key)
+                if win is None or now >= win.end:
+                    win = self._window(model.key, now)
+                touched[id(win)] = win
+                win.buffered_rows.append(item[2])
+                win.buffered_outputs.append(item[3])
+                win.buffered_scores.append(item[4])
+                win.buffered_latency.append(item[5])
+        for win in touched.values():
+            while len(win.buffered_rows) >= BUFFER_ROWS:
+                block = win.take_buffered(BUFFER_ROWS)
+                assert block is not None
+                self._stage(win, *block)
+
+    # --- staging and the fold queue ------------------------------------------------------
+
+    def _stage(self, win: ModelWindow, rows: np.ndarray, outputs: np.ndarray,
+               scores: np.ndarray | None) -> None:
+        """Copy a batch into the window's stage; queue the stage once full (under _lock)."""
+        n = len(outputs)
+        stage = win.stage
+        if stage is not None and stage.n + n > stage.capacity:
+            self._queue(stage)
+            stage = None
+        if stage is None:
+            if not self._kernels_loaded:
+                # Load (or compile) the kernels here, on the request that stages first, as
+                # folding inline did: on the fold thread, numba's loading holds the GIL for
+                # ~0.3 s in short slices and every request in that time waits for them.
+                warmup()
+                self._kernels_loaded = True
+            stage = win.stage = self._new_stage(win, max(n, self.stage_rows))
+        stage.add(rows, outputs, scores)
+        if stage.n == stage.capacity:
+            self._queue(stage)
+            win.stage = None
+
+    def _new_stage(self, win: ModelWindow, rows: int) -> _Stage:
+        model = win.model
+        shape = (model.k_in.n_features, model.k_out.n_features)
+        spare = self._spare.get(shape)
+        if rows == self.stage_rows and spare:
+            try:
+                return _Stage(win, *spare.pop())
+            except IndexError:  # taken by another thread since the check
+                pass
+        return _Stage(win, np.empty((rows, shape[0])), np.empty((rows, shape[1])))
+
+    def _queue(self, stage: _Stage) -> None:
+        """Put a stage on the fold queue (caller holds _lock)."""
+        self._rows_queued += stage.n
+        self._jobs.append(stage)
+
+    def _after_staging(self) -> None:
+        """Fold the excess here if the backlog is over the bound; wake the fold thread."""
+        if self._rows_queued - self._rows_folded > self.fold_queue_rows:
+            self._fold_until(self.fold_queue_rows, inline=True)
+        if self._use_thread and self._rows_queued != self._rows_folded:
+            if self._thread is None:
+                self._start_thread()
+            if not self._wake.is_set():
+                self._wake.set()
+
+    def _start_thread(self) -> None:
+        with self._fold_lock:
+            if self._thread is not None or self._closing:
+                return
+            self._thread = threading.Thread(target=self._fold_loop, name="edgefleet-fold",
+                                            daemon=True)
+            self._thread.start()
+
+    def _fold_until(self, backlog: int, *, inline: bool = False) -> None:
+        """Fold the oldest stages, one at a time and in order, until at most ``backlog`` rows
+        wait."""
+        while self._rows_queued - self._rows_folded > backlog:
+            with self._fold_lock:
+                if not self._jobs:
+                    return
+                self._fold_next()
+                if inline:
+                    self.inline_folds += 1
+
+    def _fold_next(self) -> None:
+        """Fold the oldest stage (caller holds _fold_lock and has checked there is one)."""
+        stage = self._jobs.popleft()
+        try:
+            stage.fold()
+        except Exception:  # a bug, not bad input: the models' own codes are always valid
+            log.exception("folding %d rows of %s %s into the sketches failed", stage.n,
+                          stage.window.model.name, stage.window.model.version)
+        finally:
+            self._rows_folded += stage.n
+        self._recycle(stage)
+
+    def _recycle(self, stage: _Stage) -> None:
+        if stage.capacity != self.stage_rows:
+            return
+        spare = self._spare.setdefault((stage.rows.shape[1], stage.outputs.shape[1]),
+                                       collections.deque())
+        if len(spare) < 2 + self.fold_queue_rows // self.stage_rows:
+            spare.append((stage.rows, stage.outputs))
+
+    def _stage_buffered(self) -> None:
+        """Queue every window's staged and buffered rows (caller holds _lock)."""
+        self._take_singles()
+        for win in (*self._closed, *self._open.values()):
+            block = win.take_buffered()
+            if block is not None:
+                self._stage(win, *block)
+            if win.stage is not None:
+                self._queue(win.stage)
+                win.stage = None
+
+    def _fold_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            self._fold_until(0)
+            if self._closing:
+                return
+
+    def drain(self) -> None:
+        """Fold every queued stage now, on this thread (rows still staged stay staged)."""
+        self._fold_until(0)
+
+    def close(self) -> None:
+        """Stop the fold thread, then fold what is queued (the agent has stopped serving)."""
+        self._closing = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=30)
+        self.drain()
 
     def record_flags(self, model: ModelTelemetry, raw_out_of_range: int, raw_empty: int,
                      nonfinite: int) -> None:
@@ -367,10 +645,21 @@ class TelemetryRecorder:
             return correct, residual, drift
 
     def collect(self, *, close_all: bool = False) -> list[WindowRow]:
-        """Closed windows (final) and checkpoints of the open ones, for the writer."""
+        """Closed windows (final) and checkpoints of the open ones, for the writer.
+
+        Every row recorded before the call is folded first: most of them without the window
+        lock (serving goes on), the rest with both locks held, so no row counted in a window
+        is missing from its sketches and no window closes with rows still waiting.
+        """
+        with self._lock:
+            self._stage_buffered()
+        self._fold_until(0)
         now = self.clock()
         rss = _rss_bytes()
-        with self._lock:
+        with self._lock, self._fold_lock:
+            self._stage_buffered()
+            while self._jobs:
+                self._fold_next()
             for key, win in list(self._open.items()):
                 if close_all or now >= win.end:
                     self._closed.append(win)

@@ -29,6 +29,7 @@ __all__ = ["InputValidator", "ModelInput"]
 
 ModelInput = np.ndarray | dict[str, np.ndarray]
 MAX_ROWS = 1_000_000
+_F32 = np.dtype(np.float32)
 
 
 def _float(name: str, value: Any, row: int | None) -> float:
@@ -158,6 +159,15 @@ class InputValidator:
 
     def validate(self, data: Any) -> ModelInput:
         """Whatever the caller sent -> model input, or InputError."""
+        if type(data) is np.ndarray:  # skips the Mapping ABC check, the slow part of the rest
+            # the serving fast path (`is` first: the canonical dtype object is the common case)
+            if (data.dtype is _F32 or data.dtype == _F32) and self.mode == "matrix":
+                shape = data.shape
+                if len(shape) == 2 and shape[1] == self.width and 0 < shape[0] <= MAX_ROWS:
+                    return data
+                if len(shape) == 1 and shape[0] == self.width:
+                    return data.reshape(1, -1)
+            return self.from_array(data)
         if isinstance(data, Mapping):
             return self.from_mapping(data)
         if isinstance(data, (list, tuple)) and data and isinstance(data[0], Mapping):
