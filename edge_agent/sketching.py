@@ -330,19 +330,7 @@ def update_sketch(sketch: Sketch, klayout: KernelLayout, values: npt.ArrayLike) 
     if x.shape[0] == 0:
         return
     # one compiled entry point for both functions: one JIT (or cache load) at start-up
-    _, j, i = _update_segments_kernel(
-        sketch.counts,
-        sketch.missing,
-        sketch.moments,
-        klayout.offsets,
-        klayout.edges,
-        klayout.edge_start,
-        klayout.edge_count,
-        klayout.numeric,
-        klayout.n_slots,
-        x,
-        np.array([x.shape[0]], dtype=np.int64),
-    )
+    _, j, i = _fold(sketch, klayout, x, np.array([x.shape[0]], dtype=np.int64))
     if j >= 0:
         _raise_bad_code(sketch, x, j, i)
 
@@ -365,22 +353,19 @@ def update_sketch_segments(
         )
     if x.shape[0] == 0:
         return
-    k, j, i = _update_segments_kernel(
-        sketch.counts,
-        sketch.missing,
-        sketch.moments,
-        klayout.offsets,
-        klayout.edges,
-        klayout.edge_start,
-        klayout.edge_count,
-        klayout.numeric,
-        klayout.n_slots,
-        x,
-        e,
-    )
+    k, j, i = _fold(sketch, klayout, x, e)
     if k >= 0:
         start = int(e[k - 1]) if k else 0
         _raise_bad_code(sketch, x[start:], j, i, f"batch {k} (rows {start}..{int(e[k]) - 1}): ")
+
+
+def _fold(sketch: Sketch, klayout: KernelLayout, x: np.ndarray,
+          ends: np.ndarray) -> tuple[int, int, int]:
+    """Run the kernel on checked values: (bad batch, feature, row), -1s when all folded."""
+    k, j, i = _update_segments_kernel(
+        sketch.counts, sketch.missing, sketch.moments, klayout.offsets, klayout.edges,
+        klayout.edge_start, klayout.edge_count, klayout.numeric, klayout.n_slots, x, ends)
+    return int(k), int(j), int(i)
 
 
 def _checked_values(sketch: Sketch, klayout: KernelLayout, values: npt.ArrayLike) -> np.ndarray:
