@@ -177,11 +177,12 @@ def agent_command(quick: bool) -> None:
                    "and dropped); default $EDGEFLEET_TEST_POSTGRES_URL, else skipped.")
 def hub_command(messages: int, devices: int, postgres_url: str | None) -> None:
     """Hub ingestion vs a bare paho subscriber; bytes per device-hour vs CSV (issue 5)."""
-    from edgefleet.bench_hub import format_rows, hub_bench
+    from edgefleet.bench_agent import format_table
+    from edgefleet.bench_hub import hub_bench
 
     rows = hub_bench(messages, devices, postgres_url, click.echo)
     click.echo("")
-    for line in format_rows(rows):
+    for line in format_table(rows):
         click.echo(line)
 
 

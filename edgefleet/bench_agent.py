@@ -546,10 +546,11 @@ def _load_line() -> str:
 def format_table(checks: Sequence[Check]) -> list[str]:
     w_fig = max(len(c.figure) for c in checks)
     w_mea = max(len(c.measured) for c in checks)
-    lines = [f"{'figure':<{w_fig}}  {'measured':<{w_mea}}  {'target':<9}  result"]
+    w_tar = max(9, *(len(c.target) for c in checks))
+    lines = [f"{'figure':<{w_fig}}  {'measured':<{w_mea}}  {'target':<{w_tar}}  result"]
     for c in checks:
         result = "-" if c.ok is None else "pass" if c.ok else "FAIL"
-        lines.append(f"{c.figure:<{w_fig}}  {c.measured:<{w_mea}}  {c.target:<9}  {result}")
+        lines.append(f"{c.figure:<{w_fig}}  {c.measured:<{w_mea}}  {c.target:<{w_tar}}  {result}")
     return lines
 
 

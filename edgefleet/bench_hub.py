@@ -22,24 +22,17 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgefleet.bench_agent import Check
+
 __all__ = ["hub_bench", "make_envelopes", "publish_all"]
 
 FEATURES = 16
 ROWS_PER_WINDOW = 3000  # a 5-minute window at 10 predictions/s
-
-
-@dataclass(frozen=True)
-class Row:
-    figure: str
-    measured: str
-    target: str
-    ok: bool | None
 
 
 def _layouts(rng: np.random.Generator) -> tuple[Any, Any, np.ndarray, np.ndarray]:
@@ -346,10 +339,10 @@ def _fmt_rate(r: float) -> str:
 
 
 def hub_bench(messages: int, devices: int, postgres_url: str | None,
-              echo: Callable[[str], None]) -> list[Row]:
+              echo: Callable[[str], None]) -> list[Check]:
     from cloud_hub.mosquitto import MosquittoProcess
 
-    rows: list[Row] = []
+    rows: list[Check] = []
     echo(f"hub ingestion benchmark: {messages} telemetry messages (one 5-minute window of "
          f"{FEATURES} feature sketches + metrics each) from {devices} devices, QoS 1, private "
          "Mosquitto on loopback; load average "
@@ -358,7 +351,7 @@ def hub_bench(messages: int, devices: int, postgres_url: str | None,
         with tempfile.TemporaryDirectory(prefix="edgefleet-bench-bytes-") as tmp:
             sent, raw, n_msgs = bytes_per_device_hour(Path(tmp), window_seconds=window)
         label = f"{window / 60:g}-minute windows"
-        rows.append(Row(f"bytes per device-hour at 10 pred/s, {label}",
+        rows.append(Check(f"bytes per device-hour at 10 pred/s, {label}",
                         f"{sent:,} B in {n_msgs} messages vs CSV {raw:,} B = "
                         f"{raw / sent:,.0f}x fewer", ">= 1000x", raw / sent >= 1000))
         echo(f"  bytes per device-hour, {label}: {sent:,} B sent vs {raw:,} B of CSV")
@@ -375,7 +368,7 @@ def hub_bench(messages: int, devices: int, postgres_url: str | None,
             sqlite_rate, _ = hub_rate(broker.port, payloads, pfile,
                                       [f"sqlite:///{folder / 'hub1.db'}"], group="one")
             echo(f"  hub, one worker, SQLite: {_fmt_rate(sqlite_rate)}")
-            rows.append(Row("ingest 1 worker SQLite / bare subscriber",
+            rows.append(Check("ingest 1 worker SQLite / bare subscriber",
                             f"{_fmt_rate(sqlite_rate)} / {_fmt_rate(base)} = "
                             f"{sqlite_rate / base:.2f}x", ">= 0.7x", sqlite_rate / base >= 0.7))
             if postgres_url:
@@ -383,7 +376,7 @@ def hub_bench(messages: int, devices: int, postgres_url: str | None,
 
                 with fresh_database(postgres_url) as url:
                     pg_rate, _ = hub_rate(broker.port, payloads, pfile, [url], group="pg")
-                rows.append(Row("ingest 1 worker PostgreSQL / bare subscriber",
+                rows.append(Check("ingest 1 worker PostgreSQL / bare subscriber",
                                 f"{_fmt_rate(pg_rate)} / {_fmt_rate(base)} = "
                                 f"{pg_rate / base:.2f}x", "-", None))
                 echo(f"  hub, one worker, PostgreSQL: {_fmt_rate(pg_rate)}")
@@ -391,30 +384,18 @@ def hub_bench(messages: int, devices: int, postgres_url: str | None,
                     two_rate, split = hub_rate(broker.port, payloads, pfile, [url, url],
                                                group="two")
                 share = [s / sum(split) for s in split]
-                rows.append(Row("ingest 2 workers PostgreSQL, split",
+                rows.append(Check("ingest 2 workers PostgreSQL, split",
                                 f"{_fmt_rate(two_rate)}; {split[0]} / {split[1]} = "
                                 f"{share[0]:.0%} / {share[1]:.0%}", "40-60% each",
                                 all(0.4 <= s <= 0.6 for s in share) and sum(split) == messages))
             two_sqlite, split = hub_rate(broker.port, payloads, pfile,
                                          [f"sqlite:///{folder / 'hub2.db'}"] * 2, group="twos")
             share = [s / sum(split) for s in split]
-            rows.append(Row("ingest 2 workers SQLite, split",
+            rows.append(Check("ingest 2 workers SQLite, split",
                             f"{_fmt_rate(two_sqlite)}; {split[0]} / {split[1]} = "
                             f"{share[0]:.0%} / {share[1]:.0%}", "40-60% each",
                             all(0.4 <= s <= 0.6 for s in share) and sum(split) == messages))
     return rows
-
-
-def format_rows(rows: Sequence[Row]) -> list[str]:
-    w_fig = max(len(r.figure) for r in rows)
-    w_mea = max(len(r.measured) for r in rows)
-    out = [f"{'figure':<{w_fig}}  {'measured':<{w_mea}}  {'target':<12}  result"]
-    for r in rows:
-        result = "-" if r.ok is None else "pass" if r.ok else "FAIL"
-        out.append(f"{r.figure:<{w_fig}}  {r.measured:<{w_mea}}  {r.target:<12}  {result}")
-    return out
-
-
 
 
 if __name__ == "__main__":  # the load generator: python -m edgefleet.bench_hub publish PORT FILE
