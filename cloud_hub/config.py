@@ -28,9 +28,7 @@ hub``/``fleet`` command opens without ``--db``) and starts the embedded broker o
 
 from __future__ import annotations
 
-import os
 import re
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -40,12 +38,12 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from cloud_hub.errors import CloudHubError
+from fleet_protocol.config_files import load_toml_model
 
 __all__ = ["BrokerConfig", "EmbeddedBrokerConfig", "HubConfig", "HubConfigError", "IngestConfig",
            "load_config"]
@@ -160,23 +158,6 @@ class HubConfig(_Section):
         return v
 
 
-def _env_value(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def _apply(data: dict[str, Any], name: str, path: list[str], value: Any) -> None:
-    target = data
-    for part in path[:-1]:
-        section = target.setdefault(part, {})
-        if not isinstance(section, dict):
-            raise HubConfigError(f"{name}: {part!r} is not a section")
-        target = section
-    target[path[-1]] = value
-
-
 def load_config(path: str | Path | None = None, environ: Mapping[str, str] | None = None,
                 overrides: Mapping[str, Any] | None = None) -> HubConfig:
     """Read the TOML file (if any), apply environment variables, then ``overrides``, validate.
@@ -184,32 +165,6 @@ def load_config(path: str | Path | None = None, environ: Mapping[str, str] | Non
     ``overrides`` maps dotted keys (``"broker.url"``) to values; None values are skipped (a CLI
     flag that was not given).
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise HubConfigError(f"config file {p} does not exist") from err
-        except (OSError, UnicodeDecodeError) as err:
-            raise HubConfigError(f"cannot read config file {p}: {err}") from err
-        except tomllib.TOMLDecodeError as err:
-            raise HubConfigError(f"config file {p} is not valid TOML: {err}") from err
-    for name, raw in (os.environ if environ is None else environ).items():
-        if name.startswith(ENV_PREFIX) and name != ENV_PREFIX + "CONFIG":
-            _apply(data, name, name[len(ENV_PREFIX):].lower().split("__"), _env_value(raw))
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _apply(data, key, key.split("."), value)
-    try:
-        return HubConfig.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(part) for part in first["loc"]) or "(root)"
-        value = first.get("input")
-        shown = "" if first["type"] == "missing" else f" = {value!r:.80}"
-        message = first["msg"].removeprefix("Value error, ")
-        raise HubConfigError(
-            f"config key {key}{shown}: {message}"
-            + (f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else "")
-        ) from err
+    return load_toml_model(HubConfig, path, prefix=ENV_PREFIX, error=HubConfigError,
+                           environ=environ, overrides=overrides,
+                           text_keys=frozenset({"username", "password", "client_id", "group"}))

@@ -29,9 +29,7 @@ retained state message).
 
 from __future__ import annotations
 
-import os
 import socket
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -42,13 +40,13 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
 from edge_agent.errors import ConfigError
 from fleet_protocol import topics
+from fleet_protocol.config_files import load_toml_model
 from fleet_protocol.messages import MAX_ITEMS, Tags, TelemetryEnvelope
 
 __all__ = ["AgentConfig", "HttpConfig", "SyncConfig", "load_config"]
@@ -283,54 +281,8 @@ class AgentConfig(_Section):
         return self.data_dir / "numba-cache"
 
 
-def _env_value(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
-            continue
-        path = name[len(ENV_PREFIX):].lower().split("__")
-        target = data
-        for part in path[:-1]:
-            section = target.setdefault(part, {})
-            if not isinstance(section, dict):
-                raise ConfigError(f"{name}: {part!r} is not a section")
-            target = section
-        # names and secrets stay text even when they look like numbers ("0042", "1e5")
-        target[path[-1]] = raw if path[-1] in _TEXT_KEYS else _env_value(raw)
-
-
 def load_config(path: str | Path | None = None,
                 environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Read the TOML file (if any), apply environment overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise ConfigError(f"config file {p} does not exist") from err
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"cannot read config file {p}: {err}") from err
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"config file {p} is not valid TOML: {err}") from err
-    _apply_env(data, os.environ if environ is None else environ)
-    try:
-        return AgentConfig.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        key = ".".join(str(part) for part in first["loc"]) or "(root)"
-        value = first.get("input")
-        secret = any("password" in str(part) for part in first["loc"])
-        # a section's own checks name their keys in the message; its dict may hold a password
-        shown = ("" if first["type"] == "missing" or secret or isinstance(value, dict)
-                 else f" = {value!r:.80}")
-        raise ConfigError(
-            f"config key {key}{shown}: {first['msg']}"
-            + (f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else "")
-        ) from err
+    return load_toml_model(AgentConfig, path, prefix=ENV_PREFIX, error=ConfigError,
+                           environ=environ, text_keys=_TEXT_KEYS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,3 +59,14 @@ def test_missing_file(tmp_path: Path) -> None:
     """A config path that does not exist is named in the error."""
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_the_config_path_variable_is_not_a_key(tmp_path: Path, keypair: Any) -> None:
+    """EDGEFLEET_AGENT_CONFIG names the file (the CLI's envvar); it is not read as a key."""
+    from edge_agent.config import load_config
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'data_dir = "{tmp_path}"\ntrusted_keys = ["{keypair.public_path}"]\n')
+    config = load_config(cfg, environ={"EDGEFLEET_AGENT_CONFIG": str(cfg),
+                                       "EDGEFLEET_AGENT_SYNC__PASSWORD": "1234"})
+    assert config.data_dir == tmp_path
