@@ -28,19 +28,22 @@ Agreement with the numpy reference (``Sketch.update_numeric`` / ``Sketch.update_
 gateway and an ARM device produce the same bits. ``nogil=True`` lets the serving thread run
 while the fold thread folds.
 
-How it is fast without fastmath: a numeric column is copied out and binned one edge at a time
-over the whole column (``slot += edge <= x``, integer adds LLVM vectorises) instead of a search
-per value, whose branches mispredict on every row; the slots are then histogrammed. The moment
-passes run row-major with one accumulator per feature, so the features' float dependency chains
-overlap while each feature still sums in row order.
+How it is fast without fastmath: a numeric column is copied out (widened to float64: the agent
+stages float32 rows, exact in it) in one pass that also takes its NaNs, overflow, count, min and
+max; then it is counted by edge instead of binned by value: for each edge, how many values are
+``>= edge``, a compare summed over the column that LLVM vectorises (integer adds), with no
+per-value search (whose branches mispredict on every row) and no histogram (whose increments of
+the same bin wait on each other); neighbouring counts give the bins. The moment passes run
+row-major with one accumulator per feature, so the features' float dependency chains overlap
+while each feature still sums in row order.
 
-Measured cost (2-vCPU x86-64 cloud VM, numba 0.68, after JIT; best of timeit repeats on a
-shared host under load from other jobs): 1024 rows x 16 numeric features with 17 edges, 2% NaN,
-take 65-90 µs per call (4-5 ns per value) against 345-355 µs for the previous per-value search
-and 1.1-1.6 ms per 256 rows for the numpy reference; 33 edges 105-130 µs, 257 edges ~410 µs.
-A call has a fixed cost of 2-5 µs (checks and numba dispatch), so batch. ``RowBuffer.append``
-of a 16-float float64 row takes 0.4-0.8 µs. The first call in a fresh process JIT-compiles for
-about 3 s, or loads numba's on-disk cache in about 0.4 s: call :func:`warmup` at start-up.
+Measured cost (2-vCPU x86-64 cloud VM, numba 0.68, after JIT; thread CPU time, best of repeats
+on a host shared with other jobs): 1024 rows x 16 numeric features with 17 edges take 53-58 µs
+per call (3.4 ns per value; binning each value by 16 compare-adds and a histogram took 82-100
+µs, a per-value search 345-355 µs, the numpy reference 1.1-1.6 ms per 256 rows). A call has a
+fixed cost of 2-5 µs (checks and numba dispatch), so batch. ``RowBuffer.append`` of a 16-float
+float64 row takes 0.4-0.8 µs. The first call in a fresh process JIT-compiles for about 3 s, or
+loads numba's on-disk cache in about 0.4 s: call :func:`warmup` at start-up.
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ class KernelLayout:
     numeric: npt.NDArray[np.bool_]
     n_slots: npt.NDArray[np.int64]
     fingerprint: str
+    #: each numeric feature's last edge (0.0 for a categorical one)
+    last: npt.NDArray[np.float64]
 
     @classmethod
     def from_layout(cls, layout: SketchLayout) -> KernelLayout:
@@ -108,6 +113,7 @@ class KernelLayout:
             else:
                 edge_start.append(-1)
                 edge_count.append(0)
+        last = [f.edges[-1] if f.kind == "numeric" else 0.0 for f in layout.features]
         return cls(
             offsets=_frozen(layout.offsets, np.int64),
             edges=_frozen(edges, np.float64),
@@ -116,6 +122,7 @@ class KernelLayout:
             numeric=_frozen([f.kind == "numeric" for f in layout.features], np.bool_),
             n_slots=_frozen([f.n_slots for f in layout.features], np.int64),
             fingerprint=layout.fingerprint(),
+            last=_frozen(last, np.float64),
         )
 
     @property
@@ -165,6 +172,7 @@ def _update_kernel(
     moments: np.ndarray,
     offsets: np.ndarray,
     edges: np.ndarray,
+    last_edge: np.ndarray,
     edge_start: np.ndarray,
     edge_count: np.ndarray,
     numeric: np.ndarray,
@@ -183,6 +191,8 @@ def _update_kernel(
     if bad[0] >= 0:
         return bad
     n_rows, n_features = values.shape
+    # the column widened to float64 (float32 values are exact in it), binned by float64
+    # compares: four lanes of compare results are four int64 lanes of counts
     col = np.empty(n_rows, dtype=np.float64)
     slots = np.empty(n_rows, dtype=np.int64)
     hist = np.empty((int(n_slots.max()) if n_features else 0) + 2, dtype=np.int64)
@@ -203,38 +213,24 @@ def _update_kernel(
             missing[j] += n_missing
             continue
         m = edge_count[j]
-        for i in range(n_rows):
-            col[i] = values[i, j]
-        # slots[i] = slot of col[i] under edges[start:start + m] (numeric_slot's rule), and
-        # m + 1 for NaN: (edges but the last that are <= x) + (x > last edge); x == last lands
-        # in the last inner bin, x > last (and +inf) in the overflow, NaN compares false
-        # everywhere. Short edge lists are counted one edge at a time over the whole column,
-        # a loop LLVM vectorises; long ones by a branch-free bisection per value.
+        # The slot of x under edges[start:start + m] (numeric_slot's rule) is (edges but the
+        # last that are <= x) + (x > last edge): x == last lands in the last inner bin, x > last
+        # (and +inf) in the overflow; NaN (missing) compares false everywhere.
         start = edge_start[j]
-        last = edges[start + m - 1]
-        for i in range(n_rows):
-            x = col[i]
-            slots[i] = (x > last) + (x != x) * (m + 1)
-        if m - 1 <= _LINEAR_MAX_EDGES:
-            for k in range(start, start + m - 1):
-                e = edges[k]
-                for i in range(n_rows):
-                    slots[i] += e <= col[i]
-        else:
-            for i in range(n_rows):
-                slots[i] += _count_le(edges, start, m - 1, col[i])
-        hist[: m + 2] = 0
-        for i in range(n_rows):
-            hist[slots[i]] += 1
-        for s in range(m + 1):
-            counts[offset + s] += hist[s]
-        missing[j] += hist[m + 1]
-        # Moments cover |x| <= MOMENT_LIMIT only (False for NaN), as in the reference.
+        last = last_edge[j]
+        # One pass copies the column out and takes what needs no edge: NaNs, the overflow, and
+        # the count, first value (the shift), min and max of the values within MOMENT_LIMIT
+        # (False for NaN), in row order as in the reference.
+        n_nan = 0
+        n_over = 0
         n = 0
         lo_j = math.inf
         hi_j = -math.inf
         for i in range(n_rows):
-            x = col[i]
+            x = values[i, j]
+            col[i] = x
+            n_nan += x != x
+            n_over += x > last
             if abs(x) <= MOMENT_LIMIT:
                 if n == 0:
                     shift[j] = x
@@ -246,6 +242,33 @@ def _update_kernel(
         n_in[j] = n
         lo[j] = lo_j
         hi[j] = hi_j
+        missing[j] += n_nan
+        if m - 1 <= _LINEAR_MAX_EDGES:
+            # Counted by edge, not by value: with G_k = #(x >= e_k) for the edges but the last,
+            # B = [values not NaN, G_0, ..., G_{m-2}, #(x > last)] is non-increasing (sorted
+            # edges) and slot s holds B[s] - B[s+1] (the overflow B[m]). Each G_k is a compare
+            # summed over the column: a reduction LLVM vectorises, with no per-value slot and
+            # no histogram (whose increments of the same bins wait on each other).
+            prev = n_rows - n_nan
+            for k in range(start, start + m - 1):
+                e = edges[k]
+                g = 0
+                for i in range(n_rows):
+                    g += e <= col[i]
+                counts[offset + k - start] += prev - g
+                prev = g
+            counts[offset + m - 1] += prev - n_over
+            counts[offset + m] += n_over
+        else:
+            # long edge lists: a branch-free bisection per value, then a histogram
+            for i in range(n_rows):
+                x = col[i]
+                slots[i] = _count_le(edges, start, m - 1, x) + (x > last) + (x != x) * (m + 1)
+            hist[: m + 2] = 0
+            for i in range(n_rows):
+                hist[slots[i]] += 1
+            for s in range(m + 1):
+                counts[offset + s] += hist[s]
     # The batch mean is shifted by the batch's first in-limit value: mean = x0 + sum(x - x0) / n.
     acc = np.zeros(n_features, dtype=np.float64)
     for i in range(n_rows):
@@ -294,6 +317,7 @@ def _update_segments_kernel(
     moments: np.ndarray,
     offsets: np.ndarray,
     edges: np.ndarray,
+    last_edge: np.ndarray,
     edge_start: np.ndarray,
     edge_count: np.ndarray,
     numeric: np.ndarray,
@@ -307,8 +331,8 @@ def _update_segments_kernel(
     for k in range(ends.shape[0]):
         end = ends[k]
         if end > start:
-            j, i = _update_kernel(counts, missing, moments, offsets, edges, edge_start,
-                                  edge_count, numeric, n_slots, values[start:end])
+            j, i = _update_kernel(counts, missing, moments, offsets, edges, last_edge,
+                                  edge_start, edge_count, numeric, n_slots, values[start:end])
             if j >= 0:
                 return k, j, i
         start = end
@@ -364,19 +388,23 @@ def _fold(sketch: Sketch, klayout: KernelLayout, x: np.ndarray,
     """Run the kernel on checked values: (bad batch, feature, row), -1s when all folded."""
     k, j, i = _update_segments_kernel(
         sketch.counts, sketch.missing, sketch.moments, klayout.offsets, klayout.edges,
+        klayout.last,
         klayout.edge_start, klayout.edge_count, klayout.numeric, klayout.n_slots, x, ends)
     return int(k), int(j), int(i)
 
 
 def _checked_values(sketch: Sketch, klayout: KernelLayout, values: npt.ArrayLike) -> np.ndarray:
-    """``values`` as C-contiguous float64 rows of the sketch's layout, or SketchError."""
+    """``values`` as C-contiguous float32 (when given so: the agent stages float32 rows, and
+    the kernel widens each column as it copies it out) or float64 rows of the sketch's layout,
+    or SketchError."""
     if klayout.fingerprint != sketch.layout.fingerprint():
         raise SketchError(
             f"kernel layout {klayout.fingerprint} does not match the sketch's layout "
             f"{sketch.layout.fingerprint()}; build it with KernelLayout.from_layout(sketch.layout)"
         )
     try:
-        x = np.asarray(values, dtype=np.float64)
+        x = values if isinstance(values, np.ndarray) and values.dtype == np.float32 \
+            else np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError) as err:
         raise SketchError(f"values are not float64 numbers ({err})") from err
     if x.ndim != 2 or x.shape[1] != klayout.n_features:

@@ -58,10 +58,12 @@ BUFFER_ROWS = 256
 #: single-row requests that wait in the deque before the request that adds the last one moves
 #: them to their windows (~0.4 µs each: rarer and longer pauses keep them out of the p99)
 SINGLES_DRAIN = 4 * BUFFER_ROWS
-#: rows a window's stage holds before it goes to the fold queue (16 features: 0.5 MiB)
+#: rows a window's stage holds before it goes to the fold queue (16 float32 features: 256 KiB)
 STAGE_ROWS = 4096
-#: rows that may wait on the fold queue before a request folds the oldest stage itself
-FOLD_QUEUE_ROWS = 2 * STAGE_ROWS
+#: rows that may wait on the fold queue before a request folds the oldest stage itself: four
+#: stages (1 MiB at 16 features), slack for the fold thread's scheduling jitter when it folds
+#: about as fast as serving fills stages (a 1024-row logistic batch: ~70 µs each)
+FOLD_QUEUE_ROWS = 4 * STAGE_ROWS
 
 
 @dataclass
@@ -254,7 +256,7 @@ class ModelWindow:
 
 
 class _Stage:
-    """Rows of one window staged for the fold, in arrival order: float64 feature rows, output
+    """Rows of one window staged for the fold, in arrival order: float32 feature rows, output
     rows, and where each batch ends (each request's batch, or a block of buffered single rows,
     is folded as its own batch: the same bits as folding it when it arrived)."""
 
@@ -489,7 +491,11 @@ class TelemetryRecorder:
                 return _Stage(win, *spare.pop())
             except IndexError:  # taken by another thread since the check
                 pass
-        return _Stage(win, np.empty((rows, shape[0])), np.empty((rows, shape[1])))
+        # float32: every value staged is a float32 (the model's input and output tensors) or a
+        # small category code, so this is exact, half the bytes to copy, and the kernel bins
+        # it with float32 compares
+        return _Stage(win, np.empty((rows, shape[0]), dtype=np.float32),
+                      np.empty((rows, shape[1]), dtype=np.float32))
 
     def _queue(self, stage: _Stage) -> None:
         """Put a stage on the fold queue (caller holds _lock)."""

@@ -38,7 +38,12 @@ def _float(name: str, value: Any, row: int | None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         where = f" (row {row})" if row is not None else ""
         raise InputError(f"feature {name!r}{where} = {value!r:.60}: expected a number or null")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any float
+        where = f" (row {row})" if row is not None else ""
+        raise InputError(f"feature {name!r}{where} = {value!r:.60}: expected a number within "
+                         "float range or null") from None
 
 
 class InputValidator:
@@ -111,6 +116,14 @@ class InputValidator:
         self._check_keys(data)
         first = data[self.names[0]]
         batch = isinstance(first, (list, tuple, np.ndarray))
+        if not batch and self.mode == "matrix":
+            # one row of scalars (what a JSON client sends): the row straight into one array,
+            # instead of a one-value array per feature stacked (~2 µs against ~28 µs at 16)
+            row = []
+            for name in self.names:
+                v = data[name]
+                row.append(v if type(v) is float else _float(name, v, None))
+            return np.array([row], dtype=np.float32)
         n = len(first) if batch else 1
         if n == 0 or n > MAX_ROWS:
             raise InputError(f"{n} rows; expected 1 to {MAX_ROWS}")

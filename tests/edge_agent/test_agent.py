@@ -76,6 +76,11 @@ def test_predict_matches_the_bundle(agent: Agent, small_bundle: Any, keypair: An
     ({"f0": 1.0}, "feature 'f1' is absent"),
     ({**{f"f{i}": 0.0 for i in range(6)}, "colour": 1}, "unknown feature 'colour'"),
     ({**{f"f{i}": 0.0 for i in range(5)}, "f5": "hot"}, "feature 'f5' = 'hot': expected a number"),
+    ({**{f"f{i}": 0.0 for i in range(5)}, "f5": True}, "feature 'f5' = True: expected a number"),
+    ({**{f"f{i}": 0.0 for i in range(5)}, "f5": 10**400}, "feature 'f5' = 1000.*: expected a "
+     "number within float range"),
+    ({**{f"f{i}": 0.0 for i in range(5)}, "f5": [1.0]},
+     r"feature 'f5' = \[1.0\]: expected a number"),
     (np.zeros((2, 5)), r"shape \[2, 5\]; expected \[rows, 6\]"),
     ("text", "input is not numeric"),
 ])
@@ -86,6 +91,20 @@ def test_bad_input_names_the_feature(agent: Agent, bad: Any, expected: str) -> N
     agent.flush()
     (w,) = agent.store.windows(closed=False)
     assert w.metrics["rejected"] == 1 and w.metrics["requests"] == 0
+
+
+def test_a_named_row_is_the_same_row_as_an_array(agent: Agent) -> None:
+    """One row of named scalars (ints, floats, numpy scalars, None) reaches the model exactly
+    as the same values in an array, in the bundle's feature order whatever the key order."""
+    x = _rows(1)[0]
+    values: list[Any] = [float(x[0]), 3, np.float32(x[2]), np.float64(x[3]), None,
+                         float(x[5])]
+    named = {f"f{i}": values[i] for i in reversed(range(6))}
+    model_in = agent.serving().validator.validate(named)
+    expected = np.array([[values[0], 3.0, x[2], x[3], np.nan, values[5]]], dtype=np.float32)
+    assert model_in.dtype == np.float32 and model_in.shape == (1, 6)
+    np.testing.assert_array_equal(model_in, expected)
+    assert agent.predict(named).labels[0] == agent.predict(expected[0]).labels[0]
 
 
 def test_missing_and_out_of_range_are_served_and_counted(agent: Agent, clock: Clock) -> None:

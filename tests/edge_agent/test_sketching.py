@@ -176,6 +176,63 @@ def _layout() -> SketchLayout:
     )
 
 
+@st.composite
+def float32_cases(draw: st.DrawFn) -> tuple[SketchLayout, np.ndarray]:
+    """A layout whose edges float32 cannot hold (and some beyond float32's range, and one
+    long list for the bisection path), with float32 values at, next to and between them."""
+    n_features = draw(st.integers(1, 4))
+    features = []
+    for j in range(n_features):
+        if draw(st.integers(0, 4)) == 0:
+            features.append(FeatureLayout(f"f{j}", "categorical", categories=("a", "b")))
+            continue
+        raw = draw(edges_st())
+        # nudge each edge off the float32 grid (or far outside it)
+        edges = sorted({e + draw(st.sampled_from([0.0, 1e-9, -1e-9, 1e-12])) * max(1.0, abs(e))
+                        for e in raw} | set(draw(st.lists(st.sampled_from(
+                            [1e39, -1e39, 3.4028235e38, 1e-40]), max_size=2))))
+        if len(edges) < 2:
+            edges.append(edges[-1] + 1.0)
+        if draw(st.integers(0, 9)) == 0:  # over _LINEAR_MAX_EDGES: the bisection path
+            edges = sorted(set(edges) | set(np.linspace(-5e5, 5e5, 600).tolist()))
+        features.append(FeatureLayout(f"f{j}", "numeric", edges=tuple(edges)))
+    layout = SketchLayout(tuple(features))
+    n_rows = draw(st.integers(0, 50))
+    cols = []
+    for f in layout.features:
+        if f.kind == "numeric":
+            with np.errstate(over="ignore"):
+                near = [float(np.nextafter(np.float32(e), np.float32(d)))
+                        for e in f.edges[:40] for d in (-np.inf, np.inf)]
+            elem = st.one_of(ordinary, st.sampled_from(SPECIAL), st.sampled_from(f.edges),
+                             st.sampled_from(near))
+        else:
+            elem = st.one_of(st.integers(-1, 2).map(float), st.just(NAN))
+        cols.append(draw(st.lists(elem, min_size=n_rows, max_size=n_rows)))
+    with np.errstate(over="ignore"):
+        values = np.array(cols, dtype=np.float64).T.reshape(n_rows, n_features)
+        return layout, values.astype(np.float32)
+
+
+@SETTINGS
+@given(case=float32_cases())
+def test_float32_values_fold_like_their_float64_values(
+        case: tuple[SketchLayout, np.ndarray]) -> None:
+    """The agent stages float32 rows: they fold to the same bits as the same values widened
+    to float64, next to edges float32 cannot hold too."""
+    layout, values = case
+    kl = KernelLayout.from_layout(layout)
+    narrow, wide = Sketch.empty(layout), Sketch.empty(layout)
+    update_sketch(narrow, kl, values)
+    update_sketch(wide, kl, values.astype(np.float64))
+    np.testing.assert_array_equal(narrow.counts, wide.counts)
+    np.testing.assert_array_equal(narrow.missing, wide.missing)
+    assert narrow.moments.tobytes() == wide.moments.tobytes()
+    ref = Sketch.empty(layout)
+    reference_update(ref, values.astype(np.float64))
+    np.testing.assert_array_equal(narrow.counts, ref.counts)
+
+
 def test_bin_rule_by_hand() -> None:
     """Edges, the last edge, ±inf, the moment limit and codes land in the documented slots."""
     layout = _layout()
