@@ -7,10 +7,12 @@ dir: numba picks its cache folder when a kernel module is imported.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,29 @@ __all__ = ["agent"]
 CONFIG_OPTION = click.option(
     "-c", "--config", "config_path", type=click.Path(path_type=Path), default=None,
     envvar="EDGEFLEET_AGENT_CONFIG", help="agent.toml (env overrides: EDGEFLEET_AGENT_*).")
+
+
+#: glibc's mallopt parameter for the most malloc arenas (malloc.h)
+_M_ARENA_MAX = -8
+
+
+def _cap_malloc_arenas(environ: Mapping[str, str], arenas: int = 2) -> None:
+    """At most ``arenas`` glibc malloc arenas from here on, unless MALLOC_ARENA_MAX is set.
+
+    glibc gives a thread that finds its arena busy an arena of its own (up to 8 per core),
+    and memory freed in one arena serves only the threads on it. Serving an RF100 bundle on
+    a 2-vCPU VM (300 requests, then a flush), `agent run` ended at 276 MiB in 6 runs of 10
+    and at 314-334 MiB in the other 4; with two arenas, at 276 MiB in 8 of 8, and wrk at 8
+    connections showed no change in throughput or latency beyond the noise. A no-op without
+    glibc. Call it before the agent starts its threads.
+    """
+    if "MALLOC_ARENA_MAX" in environ:
+        return  # glibc read it at start; the operator's value stands
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        return
+    mallopt(_M_ARENA_MAX, arenas)
 
 
 def _config(path: Path | None) -> AgentConfig:
@@ -41,6 +66,7 @@ def agent() -> None:
 def run_command(config_path: Path | None) -> None:
     """Serve the configured bundle until SIGTERM (HTTP API on the configured port)."""
     config = _config(config_path)
+    _cap_malloc_arenas(os.environ)
     from edge_agent.agent import Agent
     from edge_agent.errors import NotReadyError
 
