@@ -1,7 +1,7 @@
 """Preprocessing shared by training and the device: numba kernels behind one validated spec.
 
-``run_spec(ops, X)`` is the single entry point; ``kernels`` holds the numba code and
-``reference`` its plain-Python twin for tests.
+``run_spec(ops, X)`` is the single entry point; ``kernels`` holds the numba code (its FFT is in
+``spectrum``) and ``reference`` its plain-Python twin for tests.
 """
 
 from edge_agent.preprocess.spec import (

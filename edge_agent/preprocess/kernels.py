@@ -18,15 +18,22 @@ Numeric notes:
   skew, kurtosis and band energies of exactly 0 rather than values made of rounding noise.
 - Inputs are expected in a sane physical range (|x| roughly 1e-30..1e30 or 0); far outside it
   the squares and fourth powers under- or overflow.
-- Band energies use an iterative radix-2 FFT (np.fft is not available in numba): the real
-  signal is packed into a half-length complex FFT, with one twiddle table per call.
+- Band energies use an iterative radix-2 FFT (``spectrum.py``; np.fft is not available in
+  numba): the real signal is packed into a half-length complex FFT. Its tables (twiddles and
+  the bit-reversal permutation) come from ``twiddles_for``, kept per width, or are built per
+  call by ``window_features``.
+- Speed-ups keep the results' bits: the sums run in the order above, and where a loop was
+  split or reordered (min and max kept in two lanes, FFT stages fused into passes) the
+  operations are exact or the same ones in the same order.
 
-Measured cost (2-vCPU AMD EPYC cloud VM, numba 0.68, after JIT, best of timeit repeats on a
-shared and noisy host): ``window_features`` with all features and 4 bands takes about 20 µs per
-1024-sample window in a batch of 1000 windows (about 4 µs without ``bands``, so the FFT is
-~16 µs), and 18-28 µs for a batch of one window (the twiddle table is built once per call);
-``run_spec`` adds about 10 µs of spec and input validation per call. ``peak_normalize``,
-``rms_normalize`` and ``trim_silence`` take 3-5 µs per 1024-sample window.
+Measured cost (2-vCPU Intel Xeon cloud VM, AVX2/AVX-512, numba 0.68, after JIT, medians of
+interleaved runs on a shared and noisy host): ``window_features_with`` with all features, 4
+bands and the cached tables takes about 4 µs per 1024-sample window in a batch of 1000 windows
+(1.7 µs without ``bands``) and about 4.6-4.9 µs for a batch of one window, of which ~0.4 µs is
+the call itself; ``window_features`` builds the tables per call (+~2.5 µs). The FFT is
+~1.6 µs of a window; the two passes of scalar features are bounded by the latency of their
+in-order sums. ``run_spec`` adds about 9 µs of spec and input validation per call.
+``peak_normalize``, ``rms_normalize`` and ``trim_silence`` take 1.5-2 µs per 1024-sample window.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ import math
 import numba
 import numpy as np
 
+from edge_agent.preprocess.spectrum import FFTTables, fft_tables, half_spectrum_power
+
 __all__ = [
     "FEATURE_BANDS",
     "N_SCALAR_FEATURES",
@@ -43,7 +52,9 @@ __all__ = [
     "peak_normalize",
     "rms_normalize",
     "trim_silence",
+    "twiddles_for",
     "window_features",
+    "window_features_with",
 ]
 
 # Feature codes for ``window_features``: positions in spec.WINDOW_FEATURES. Codes below
@@ -59,6 +70,12 @@ _jit = numba.njit(cache=True, fastmath=False, nogil=True)
 def _row_length(row: np.ndarray) -> int:
     """Number of values before the first NaN."""
     n = row.shape[0]
+    nans = 0
+    for j in range(n):
+        # No early exit, so LLVM vectorises this loop: a full row costs a sixth of the search.
+        nans += math.isnan(row[j])
+    if nans == 0:
+        return n
     for j in range(n):
         if math.isnan(row[j]):
             return j
@@ -152,135 +169,20 @@ def _next_pow2(n: int) -> int:
     return m
 
 
-@_jit
-def _twiddles(table_n: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of 2*pi*k/table_n for k < table_n // 2, from one quarter-wave of cosines.
+def twiddles_for(width: int) -> FFTTables:
+    """The FFT tables (``spectrum.fft_tables``) for windows of ``width`` samples, kept per width.
 
-    The symmetries make the table exactly symmetric (sin(pi/2) is exactly 1, cos(pi/2)
-    exactly 0) and cost a quarter of the trig calls of the direct table.
+    Use as ``window_features_with(X, codes, n_bands, *twiddles_for(X.shape[1]))``. The device
+    runs one window per request and building the tables costs about as much as the FFT, so they
+    are built once here (numba kernels cannot keep state). Nothing writes to them.
     """
-    half = table_n // 2
-    cos_t = np.empty(half)
-    sin_t = np.empty(half)
-    if table_n < 4:
-        if half == 1:
-            cos_t[0] = 1.0
-            sin_t[0] = 0.0
-        return cos_t, sin_t
-    quarter = table_n // 4
-    wave = np.empty(quarter + 1)
-    for k in range(quarter):
-        wave[k] = math.cos(2.0 * math.pi * k / table_n)
-    wave[quarter] = 0.0
-    for k in range(half):
-        if k <= quarter:
-            cos_t[k] = wave[k]
-            sin_t[k] = wave[quarter - k]
-        else:
-            cos_t[k] = -wave[half - k]
-            sin_t[k] = wave[k - quarter]
-    return cos_t, sin_t
+    tables = _TABLES.get(width)
+    if tables is None:
+        tables = _TABLES[width] = fft_tables(_next_pow2(width))
+    return tables
 
 
-@_jit
-def _fft_inplace(
-    re: np.ndarray, im: np.ndarray, m: int, cos_t: np.ndarray, sin_t: np.ndarray, table_n: int
-) -> None:
-    """Forward radix-2 FFT of re/im[:m] in place; m is a power of two <= table_n.
-
-    cos_t[k], sin_t[k] hold cos/sin(2*pi*k/table_n) for k < table_n // 2.
-    """
-    # Bit-reversal permutation.
-    j = 0
-    for i in range(1, m):
-        bit = m >> 1
-        while j & bit:
-            j ^= bit
-            bit >>= 1
-        j |= bit
-        if i < j:
-            t = re[i]
-            re[i] = re[j]
-            re[j] = t
-            t = im[i]
-            im[i] = im[j]
-            im[j] = t
-    half = 1
-    while half < m:
-        size = 2 * half
-        step = table_n // size
-        for k in range(half):
-            wr = cos_t[k * step]
-            wi = -sin_t[k * step]
-            for a in range(k, m, size):
-                b = a + half
-                rb = re[b]
-                ib = im[b]
-                tr = wr * rb - wi * ib
-                ti = wr * ib + wi * rb
-                ra = re[a]
-                ia = im[a]
-                re[b] = ra - tr
-                im[b] = ia - ti
-                re[a] = ra + tr
-                im[a] = ia + ti
-        half = size
-
-
-@_jit
-def _half_spectrum_power(
-    d: np.ndarray,
-    n: int,
-    m: int,
-    re: np.ndarray,
-    im: np.ndarray,
-    power: np.ndarray,
-    cos_t: np.ndarray,
-    sin_t: np.ndarray,
-    table_n: int,
-) -> None:
-    """power[k] = |X_k|^2 for k = 1..m/2, X the m-point DFT of d[:n] zero-padded (m >= 2).
-
-    A real signal of length m is packed as m/2 complex samples z_j = d_2j + i*d_2j+1, so one
-    half-length complex FFT does the work; X_k is then split back out of Z_k and Z_{m/2-k}.
-    """
-    h = m // 2
-    for j in range(h):
-        re[j] = d[2 * j] if 2 * j < n else 0.0
-        im[j] = d[2 * j + 1] if 2 * j + 1 < n else 0.0
-    _fft_inplace(re, im, h, cos_t, sin_t, table_n)
-    step = table_n // m
-    for k in range(1, h):
-        zr = re[k]
-        zi = im[k]
-        cr = re[h - k]
-        ci = -im[h - k]
-        er = 0.5 * (zr + cr)
-        ei = 0.5 * (zi + ci)
-        o_r = 0.5 * (zi - ci)  # O = (Z_k - conj(Z_{h-k})) / 2i
-        o_i = -0.5 * (zr - cr)
-        c = cos_t[k * step]
-        s = sin_t[k * step]
-        xr = er + c * o_r + s * o_i
-        xi = ei + c * o_i - s * o_r
-        power[k] = xr * xr + xi * xi
-    nyquist = re[0] - im[0]
-    power[h] = nyquist * nyquist
-
-
-def twiddles_for(width: int) -> tuple[np.ndarray, np.ndarray]:
-    """The FFT twiddle table for windows of ``width`` samples, computed once per width.
-
-    A single window costs ~25 µs, of which the table's cosines were ~5 µs; the device runs
-    one window per request, so the table is kept (numba kernels cannot keep state).
-    """
-    table = _TWIDDLES.get(width)
-    if table is None:
-        table = _TWIDDLES[width] = _twiddles(_next_pow2(width))
-    return table
-
-
-_TWIDDLES: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_TABLES: dict[int, FFTTables] = {}
 
 
 @_jit
@@ -289,14 +191,130 @@ def window_features(X: np.ndarray, codes: np.ndarray, n_bands: int) -> np.ndarra
 
     Empty rows give NaN in every column. See spec.py for each feature's definition.
     """
-    cos_t, sin_t = _twiddles(_next_pow2(X.shape[1]))
-    return window_features_with(X, codes, n_bands, cos_t, sin_t)
+    w_re, w_im, rev = fft_tables(_next_pow2(X.shape[1]))
+    return window_features_with(X, codes, n_bands, w_re, w_im, rev)
 
 
 @_jit
-def window_features_with(X: np.ndarray, codes: np.ndarray, n_bands: int, cos_t: np.ndarray,
-                         sin_t: np.ndarray) -> np.ndarray:
-    """:func:`window_features` with the twiddle table of ``twiddles_for(X.shape[1])``."""
+def _first_pass(row: np.ndarray, n: int) -> tuple[float, float, float, float, int]:
+    """sum(x - x0), sum(x * x) (both in order), min, max and sign changes of row[:n] (n >= 1).
+
+    Two elements per step, each with its own running min and max: one compare-and-select chain
+    for min and one for max, a step per element, bounded this loop more than the sums did. Min
+    and max do not depend on the order; the sums keep theirs.
+    """
+    x0 = row[0]
+    s = 0.0
+    sq = 0.0
+    lo_even = lo_odd = hi_even = hi_odd = x0
+    crossings = 0
+    previous = x0 >= 0.0
+    for jj in range(n // 2):
+        x = row[2 * jj]
+        y = row[2 * jj + 1]
+        s += x - x0
+        sq += x * x
+        s += y - x0
+        sq += y * y
+        if x < lo_even:
+            lo_even = x
+        if x > hi_even:
+            hi_even = x
+        if y < lo_odd:
+            lo_odd = y
+        if y > hi_odd:
+            hi_odd = y
+        x_sign = x >= 0.0
+        y_sign = y >= 0.0
+        crossings += (x_sign != previous) + (y_sign != x_sign)
+        previous = y_sign
+    if n % 2:
+        x = row[n - 1]
+        s += x - x0
+        sq += x * x
+        if x < lo_even:
+            lo_even = x
+        if x > hi_even:
+            hi_even = x
+        crossings += (x >= 0.0) != previous
+    lo = lo_odd if lo_odd < lo_even else lo_even
+    hi = hi_odd if hi_odd > hi_even else hi_even
+    return s, sq, lo, hi, crossings
+
+
+@_jit
+def _central_sums(row: np.ndarray, n: int, mean: float) -> tuple[float, float, float]:
+    """Sums of d**2, d**3 and d**4 for d = row[:n] - mean, in order."""
+    m2 = 0.0
+    m3 = 0.0
+    m4 = 0.0
+    for j in range(n):
+        d = row[j] - mean
+        d2 = d * d
+        m2 += d2
+        m3 += d2 * d
+        m4 += d2 * d2
+    return m2, m3, m4
+
+
+@_jit
+def _central_sums_to_fft(row: np.ndarray, n: int, mean: float, re: np.ndarray, im: np.ndarray,
+                         rev: np.ndarray, shift: int) -> tuple[float, float, float]:
+    """:func:`_central_sums`, also writing d as the input of ``spectrum.half_spectrum_power``.
+
+    z_j = d_2j + i*d_2j+1 goes to the bit-reversed position ``rev[j] >> shift``. The caller
+    zeroes re/im first when the signal is shorter than the FFT's 2 * len(re) samples.
+    """
+    m2 = 0.0
+    m3 = 0.0
+    m4 = 0.0
+    for jj in range(n // 2):
+        p = rev[jj] >> shift
+        d = row[2 * jj] - mean
+        d2 = d * d
+        m2 += d2
+        m3 += d2 * d
+        m4 += d2 * d2
+        re[p] = d
+        d = row[2 * jj + 1] - mean
+        d2 = d * d
+        m2 += d2
+        m3 += d2 * d
+        m4 += d2 * d2
+        im[p] = d
+    if n % 2:
+        d = row[n - 1] - mean
+        d2 = d * d
+        m2 += d2
+        m3 += d2 * d
+        m4 += d2 * d2
+        re[rev[n // 2] >> shift] = d
+    return m2, m3, m4
+
+
+@_jit
+def _band_energies(power: np.ndarray, h: int, bands: np.ndarray) -> None:
+    """bands[b] = energy of bins 1..h in slice b over the total (all 0 when the total is 0).
+
+    The total and each slice are summed with k ascending, both in one pass.
+    """
+    n_bands = bands.shape[0]
+    total = 0.0
+    for b in range(n_bands):
+        e = 0.0
+        for k in range(1 + b * h // n_bands, 1 + (b + 1) * h // n_bands):
+            p = power[k]
+            e += p
+            total += p
+        bands[b] = e
+    for b in range(n_bands):
+        bands[b] = bands[b] / total if total > 0.0 else 0.0
+
+
+@_jit
+def window_features_with(X: np.ndarray, codes: np.ndarray, n_bands: int, w_re: np.ndarray,
+                         w_im: np.ndarray, rev: np.ndarray) -> np.ndarray:
+    """:func:`window_features` with the FFT tables of ``twiddles_for(X.shape[1])``."""
     n_rows, width = X.shape
     n_out = n_outputs(codes, n_bands)
     out = np.full((n_rows, n_out), np.nan)
@@ -304,83 +322,60 @@ def window_features_with(X: np.ndarray, codes: np.ndarray, n_bands: int, cos_t: 
     for c in codes:
         if c == FEATURE_BANDS:
             want_bands = True
-    table_n = _next_pow2(width) if want_bands else 1
-    half_table = table_n // 2
-    if not want_bands:
-        cos_t, sin_t = _twiddles(table_n)
-    d = np.zeros(width)
-    re = np.zeros(half_table)
-    im = np.zeros(half_table)
-    power = np.zeros(half_table + 1)
-    bands = np.zeros(n_bands)
-    scalars = np.zeros(N_SCALAR_FEATURES)
+    points = _next_pow2(width) // 2 if want_bands else 0
+    # One scratch allocation: FFT real and imaginary parts, power, band energies, scalars.
+    work = np.empty(3 * points + 1 + n_bands + N_SCALAR_FEATURES)
+    re = work[:points]
+    im = work[points : 2 * points]
+    power = work[2 * points : 3 * points + 1]
+    bands = work[3 * points + 1 : 3 * points + 1 + n_bands]
+    scalars = work[3 * points + 1 + n_bands :]
 
     for i in range(n_rows):
         row = X[i]
         n = _row_length(row)
         if n == 0:
             continue
-        # Pass 1: shifted mean, extremes, raw sum of squares, zero crossings.
-        x0 = row[0]
-        s = 0.0
-        sq = 0.0
-        lo = x0
-        hi = x0
-        peak = 0.0
-        crossings = 0
-        for j in range(n):
-            x = row[j]
-            s += x - x0
-            sq += x * x
-            if x < lo:
-                lo = x
-            if x > hi:
-                hi = x
-            a = abs(x)
-            if a > peak:
-                peak = a
-            if j > 0 and (x >= 0.0) != (row[j - 1] >= 0.0):
-                crossings += 1
-        mean = x0 + s / n
-        # Pass 2: central moments.
-        m2 = 0.0
-        m3 = 0.0
-        m4 = 0.0
-        for j in range(n):
-            dj = row[j] - mean
-            d[j] = dj
-            d2 = dj * dj
-            m2 += d2
-            m3 += d2 * dj
-            m4 += d2 * d2
+        s, sq, lo, hi, crossings = _first_pass(row, n)
+        mean = row[0] + s / n
+        with_spectrum = want_bands and n >= 2
+        h = _next_pow2(n) // 2
+        if with_spectrum:
+            shift = 0
+            while (h << shift) < points:
+                shift += 1
+            if 2 * h > n:
+                re[:h] = 0.0
+                im[:h] = 0.0
+            m2, m3, m4 = _central_sums_to_fft(row, n, mean, re, im, rev, shift)
+        else:
+            m2, m3, m4 = _central_sums(row, n, mean)
         m2 /= n
         m3 /= n
         m4 /= n
         rms = math.sqrt(sq / n)
+        peak = 0.0  # max|x| = max(hi, -lo); 0.0 for an all-zero row
+        if hi > peak:
+            peak = hi
+        if -lo > peak:
+            peak = -lo
+        ptp = hi - lo
+        if ptp == 0.0:
+            ptp = 0.0  # never -0.0: the two lanes of _first_pass may keep different zeros
         scalars[_MEAN] = mean
         scalars[_STD] = math.sqrt(m2)
         scalars[_RMS] = rms
         scalars[_SKEW] = m3 / (m2 * math.sqrt(m2)) if m2 > 0.0 else 0.0
         scalars[_KURTOSIS] = m4 / (m2 * m2) - 3.0 if m2 > 0.0 else 0.0
-        scalars[_PTP] = hi - lo
+        scalars[_PTP] = ptp
         scalars[_CREST] = peak / rms if rms > 0.0 else 0.0
         scalars[_ZCR] = crossings / (n - 1) if n >= 2 else 0.0
 
-        if want_bands:
+        if with_spectrum:
+            half_spectrum_power(h, re, im, power, w_re, w_im)
+            _band_energies(power, h, bands)
+        elif want_bands:
             bands[:] = 0.0
-            if n >= 2:
-                m = _next_pow2(n)
-                half = m // 2
-                _half_spectrum_power(d, n, m, re, im, power, cos_t, sin_t, table_n)
-                total = 0.0
-                for k in range(1, half + 1):
-                    total += power[k]
-                if total > 0.0:
-                    for b in range(n_bands):
-                        e = 0.0
-                        for k in range(1 + b * half // n_bands, 1 + (b + 1) * half // n_bands):
-                            e += power[k]
-                        bands[b] = e / total
 
         col = 0
         for c in codes:

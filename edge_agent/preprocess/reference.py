@@ -1,11 +1,12 @@
 """Plain-Python references for the numba kernels, used by the tests.
 
-Each function mirrors its kernel in ``kernels.py`` with loops over Python floats and ``math`` /
-``cmath`` only: numpy appears solely to unpack the input rows and pack the result. The
-arithmetic follows the same definitions and summation order as the kernels (shifted two-pass
-mean, ``m2 * sqrt(m2)`` for m2**1.5), except that band energies come from a direct DFT rather
-than an FFT, so the two implementations agree to rounding and a wrong kernel shows up as a
-disagreement. Far too slow for production; never imported by the agent.
+Each function mirrors its kernel in ``kernels.py`` (``fft_radix2``: the FFT in ``spectrum.py``)
+with loops over Python floats and ``math`` / ``cmath`` only: numpy appears solely to unpack
+the input rows and pack the result. The arithmetic follows the same definitions and summation
+order as the kernels (shifted two-pass mean, ``m2 * sqrt(m2)`` for m2**1.5), except that band
+energies come from a direct DFT rather than an FFT, so the two implementations agree to
+rounding and a wrong kernel shows up as a disagreement. Far too slow for production; never
+imported by the agent.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
+    "fft_radix2",
     "peak_normalize",
     "rms_normalize",
     "row_features",
@@ -88,6 +90,47 @@ def _trim_row(row: Sequence[float], threshold: float) -> list[float]:
 def trim_silence(X: np.ndarray, threshold: float) -> np.ndarray:
     """Reference for kernels.trim_silence."""
     return np.array([_trim_row(r, threshold) for r in _rows(X)], dtype=float).reshape(X.shape)
+
+
+def fft_radix2(
+    re: Sequence[float], im: Sequence[float], cos_t: Sequence[float], sin_t: Sequence[float]
+) -> tuple[list[float], list[float]]:
+    """Reference for spectrum.fft_inplace: the textbook iterative radix-2 FFT, in natural order.
+
+    Bit-reversal swaps, then stage by stage the butterfly (a + w*b, a - w*b) with w*b =
+    (wr*br - wi*bi) + i*(wr*bi + wi*br) and w = cos_t[k*step] - i*sin_t[k*step], where cos_t,
+    sin_t hold cos/sin(2*pi*k/table_n) for k < table_n // 2 (``spectrum.twiddles``). Written
+    with float operations, not complex ones, to pin that order: the kernel must give the same
+    values, whatever passes it groups the stages into.
+    """
+    m = len(re)
+    table_n = 2 * len(cos_t)
+    xr = [float(x) for x in re]
+    xi = [float(x) for x in im]
+    j = 0
+    for i in range(1, m):
+        bit = m >> 1
+        while j & bit:
+            j ^= bit
+            bit >>= 1
+        j |= bit
+        if i < j:
+            xr[i], xr[j] = xr[j], xr[i]
+            xi[i], xi[j] = xi[j], xi[i]
+    half = 1
+    while half < m:
+        step = table_n // (2 * half)
+        for k in range(half):
+            wr = float(cos_t[k * step])
+            wi = -float(sin_t[k * step])
+            for a in range(k, m, 2 * half):
+                b = a + half
+                tr = wr * xr[b] - wi * xi[b]
+                ti = wr * xi[b] + wi * xr[b]
+                xr[a], xr[b] = xr[a] + tr, xr[a] - tr
+                xi[a], xi[b] = xi[a] + ti, xi[a] - ti
+        half *= 2
+    return xr, xi
 
 
 def _band_energies(deviations: list[float], n_bands: int) -> list[float]:

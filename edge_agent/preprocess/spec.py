@@ -253,8 +253,8 @@ def _run_op(op: Mapping[str, Any], X: np.ndarray) -> np.ndarray:
         result = kernels.trim_silence(X, params["threshold"])
     else:
         codes = np.array([WINDOW_FEATURES.index(f) for f in params["features"]], dtype=np.int64)
-        cos_t, sin_t = kernels.twiddles_for(X.shape[1])
-        result = kernels.window_features_with(X, codes, params["n_bands"], cos_t, sin_t)
+        tables = kernels.twiddles_for(X.shape[1])
+        result = kernels.window_features_with(X, codes, params["n_bands"], *tables)
     return result
 
 

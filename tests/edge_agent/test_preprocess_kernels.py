@@ -11,7 +11,7 @@ import scipy.stats
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge_agent.preprocess import kernels, reference
+from edge_agent.preprocess import kernels, reference, spectrum
 from edge_agent.preprocess.spec import WINDOW_FEATURES
 
 # Compilation (or loading numba's cache) happens on the first example, so no per-example deadline.
@@ -131,6 +131,87 @@ def test_window_features_rows_are_independent(
     for i in range(X.shape[0]):
         single = kernels.window_features(np.ascontiguousarray(X[i : i + 1]), codes, n_bands)
         np.testing.assert_array_equal(batch[i : i + 1], single)
+
+
+@SETTINGS
+@given(X=signal_batches(), features=FEATURE_LISTS, n_bands=st.integers(1, 64))
+def test_window_features_with_cached_tables(
+    X: np.ndarray, features: list[str], n_bands: int
+) -> None:
+    """window_features_with and the tables of twiddles_for give exactly window_features."""
+    codes = _codes(features)
+    tables = kernels.twiddles_for(X.shape[1])
+    assert kernels.twiddles_for(X.shape[1]) is tables
+    np.testing.assert_array_equal(
+        kernels.window_features_with(X, codes, n_bands, *tables),
+        kernels.window_features(X, codes, n_bands),
+    )
+
+
+@st.composite
+def fft_inputs(draw: st.DrawFn) -> tuple[int, int, list[float], list[float]]:
+    """(h, table_n, re, im): an h-point signal and tables for up to 8x longer FFTs."""
+    h = 2 ** draw(st.integers(0, 9))
+    table_n = 2 * h * 2 ** draw(st.integers(0, 3))
+    re = draw(st.lists(VALUES, min_size=h, max_size=h))
+    im = draw(st.lists(VALUES, min_size=h, max_size=h))
+    return h, table_n, re, im
+
+
+def _fft_kernel(h: int, table_n: int, re: list[float], im: list[float]) -> np.ndarray:
+    """spectrum.fft_inplace on natural-order input, permuted by the tables' ``rev``."""
+    w_re, w_im, rev = spectrum.fft_tables(table_n)
+    shift = (table_n // 2 // h).bit_length() - 1
+    positions = rev[:h] >> shift
+    zr = np.empty(h)
+    zi = np.empty(h)
+    zr[positions] = re
+    zi[positions] = im
+    spectrum.fft_inplace(zr, zi, h, w_re, w_im)
+    return zr + 1j * zi
+
+
+@SETTINGS
+@given(args=fft_inputs())
+def test_fft_matches_textbook_radix2(args: tuple[int, int, list[float], list[float]]) -> None:
+    """The FFT gives the textbook radix-2 loop's values exactly, with bit reversal by table."""
+    h, table_n, re, im = args
+    cos_t, sin_t = spectrum.twiddles(table_n)
+    want_re, want_im = reference.fft_radix2(re, im, cos_t.tolist(), sin_t.tolist())
+    got = _fft_kernel(h, table_n, re, im)
+    np.testing.assert_array_equal(got.real, want_re)
+    np.testing.assert_array_equal(got.imag, want_im)
+
+
+@SETTINGS
+@given(args=fft_inputs())
+def test_fft_matches_numpy(args: tuple[int, int, list[float], list[float]]) -> None:
+    """The FFT is the DFT: it agrees with np.fft.fft to rounding."""
+    h, table_n, re, im = args
+    z = np.array(re) + 1j * np.array(im)
+    scale = float(np.sum(np.abs(z)))
+    np.testing.assert_allclose(_fft_kernel(h, table_n, re, im), np.fft.fft(z), rtol=0,
+                               atol=1e-13 * scale)
+
+
+@pytest.mark.parametrize("table_n", [1, 2, 4, 8, 64, 2048])
+def test_fft_tables(table_n: int) -> None:
+    """Per-stage twiddles are copies of the cos/sin table; rev is the bit-reversal permutation."""
+    w_re, w_im, rev = spectrum.fft_tables(table_n)
+    cos_t, sin_t = spectrum.twiddles(table_n)
+    half = 1
+    while half < table_n:
+        k = np.arange(half)
+        np.testing.assert_array_equal(w_re[half : 2 * half], cos_t[k * (table_n // (2 * half))])
+        np.testing.assert_array_equal(w_im[half : 2 * half], -sin_t[k * (table_n // (2 * half))])
+        angle = np.pi * k / half
+        np.testing.assert_allclose(w_re[half : 2 * half] + 1j * w_im[half : 2 * half],
+                                   np.exp(-1j * angle), rtol=0, atol=1e-15)
+        half *= 2
+    points = table_n // 2
+    bits = max(points.bit_length() - 1, 0)
+    want = [int(format(j, f"0{bits}b")[::-1], 2) if bits else 0 for j in range(points)]
+    assert rev[:points].tolist() == want
 
 
 @settings(deadline=None, max_examples=60)
