@@ -18,6 +18,7 @@ each flush, it reads the agent's state through :meth:`Agent.state_message`, and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -102,19 +103,33 @@ class LoadedModel:
 
 @dataclass(slots=True)
 class PredictResult:
-    """Outputs of one request; ids are derived on demand (cheap for big batches)."""
+    """Outputs of one request; ids and a batch's labels are derived on demand (cheap for big
+    batches)."""
 
     model_name: str
     model_version: str
     first_id: int
     boot: str
-    labels: np.ndarray
-    probabilities: np.ndarray | None
-    values: np.ndarray | None
+    prediction: Prediction
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Each row's label (object array of str)."""
+        return self.prediction.labels
+
+    @property
+    def probabilities(self) -> np.ndarray | None:
+        """Classifiers: float32 (n, n_classes) in the manifest's label order."""
+        return self.prediction.probabilities
+
+    @property
+    def values(self) -> np.ndarray | None:
+        """Regressors: float32 (n,)."""
+        return self.prediction.values
 
     @property
     def n(self) -> int:
-        return len(self.labels)
+        return len(self.prediction)
 
     @property
     def ids(self) -> list[str]:
@@ -143,6 +158,9 @@ def load_model(path: Path, trusted: list[Any], config: AgentConfig,
             f"bundle {path}: {len(failures)} of {len(bundle.manifest.test_vectors)} test "
             f"vectors fail on this device; first: #{failures[0].index} {failures[0].reason}")
     m = bundle.manifest
+    # the session holds the model now; the bundle's copy of its bytes would stay resident as
+    # long as the model is loaded (nothing reads it after loading)
+    bundle = dataclasses.replace(bundle, model_bytes=b"")
     return LoadedModel(bundle, model, InputValidator(m.inputs, m.model.input_mode),
                        ModelTelemetry(m.name, m.version, m), path)
 
@@ -432,13 +450,13 @@ class Agent:
         except Exception:
             self.recorder.record_error(loaded.telemetry)
             raise
-        labels = pred.labels
         now = self.clock()
         if validator.signal:
             raw_oor, raw_empty = validator.signal_checks(model_in)
         else:
             raw_oor = raw_empty = 0
-        if len(labels) == 1:  # the common case, kept free of per-call numpy reductions
+        n = len(pred)
+        if n == 1:  # the common case, kept free of per-call numpy reductions
             n = 1
             probabilities = pred.probabilities
             if probabilities is not None:
@@ -461,21 +479,20 @@ class Agent:
                     self._pending.append(run)
                 first = self._next_single
                 self._next_single = first + 1
-                run.labels.append(labels[0])
+                run.labels.append(pred.labels[0])
                 run.scores.append(score)
         else:
-            n = len(labels)
             latency_us = (_perf_ns() - t0) / 1000.0
             scores = self._record_batch(loaded, feats, pred, latency_us, raw_oor, raw_empty)
             with self._pending_lock:  # a batch takes a block of ids from its own range
                 first = self._next_batch_id
                 self._next_batch_id += n
-                self._pending.append((first, now, loaded, labels, scores))
+                # the prediction, not its labels: the writer decodes them off the request path
+                self._pending.append((first, now, loaded, pred, scores))
                 self._run = None
         if self._sample_inputs:
             self._sample(first, n, now, loaded, model_in)
-        result = PredictResult(loaded.name, loaded.version, first, self.boot, labels,
-                               pred.probabilities, pred.values)
+        result = PredictResult(loaded.name, loaded.version, first, self.boot, pred)
         if self._shadow and loaded is self.slots["blue"]:
             try:  # off the request path: a full queue drops the shadow run, never waits
                 self._shadow_queue.put_nowait((_frozen_copy(inputs), result))
@@ -675,7 +692,7 @@ class Agent:
 
 
 #: a served batch awaiting the writer: (first id, time, model, labels, scores)
-_Pending = tuple[int, float, LoadedModel, np.ndarray, np.ndarray]
+_Pending = tuple[int, float, LoadedModel, Prediction, np.ndarray]
 
 
 class _Run:
@@ -719,9 +736,9 @@ def _prediction_rows(boot: str, pending: list[_Run | _Pending]
             rows.append((boot, p.first, len(p.labels), p.ts, p.loaded.name, p.loaded.version,
                          _json_text(p.labels), np.asarray(p.scores, dtype="<f4").tobytes()))
             continue
-        first, ts, loaded, labels, scores = p
-        rows.append((boot, first, len(labels), ts, loaded.name, loaded.version,
-                     _json_text(labels.tolist()), np.asarray(scores, dtype="<f4").tobytes()))
+        first, ts, loaded, pred, scores = p
+        rows.append((boot, first, len(pred), ts, loaded.name, loaded.version,
+                     _json_text(pred.labels.tolist()), np.asarray(scores, dtype="<f4").tobytes()))
     return rows
 
 

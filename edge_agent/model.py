@@ -26,15 +26,43 @@ Inputs = np.ndarray | Mapping[str, Sequence[Any] | np.ndarray]
 _F32 = np.dtype(np.float32)
 
 
-@dataclass(slots=True)
 class Prediction:
-    """Outputs for a batch: labels as strings; probabilities (classifier) or values."""
+    """Outputs for a batch: labels as strings; probabilities (classifier) or values.
 
-    labels: np.ndarray  # dtype object (str), shape (n,)
-    probabilities: np.ndarray | None  # float32 (n, n_classes)
-    values: np.ndarray | None  # float32 (n,) for regressors
-    #: classifiers: index of each label in the manifest's labels (len(labels) if unknown)
-    codes: np.ndarray | None = None
+    ``labels`` (object array of str, shape (n,)) may be given as None with ``codes`` and
+    ``label_text`` (the text of each code): they are then decoded when first read. A batch of
+    integer classes is served by its codes (sketches, the prediction log); the object array of
+    1,024 strings costs ~5 µs and 8 KiB that most batches never need.
+    """
+
+    __slots__ = ("_label_text", "_labels", "codes", "probabilities", "values")
+
+    def __init__(self, labels: np.ndarray | None, probabilities: np.ndarray | None,
+                 values: np.ndarray | None, codes: np.ndarray | None = None, *,
+                 label_text: np.ndarray | None = None) -> None:
+        if labels is None and (codes is None or label_text is None):
+            raise ValueError("a Prediction without labels needs codes and label_text")
+        self._labels = labels
+        self._label_text = label_text
+        #: float32 (n, n_classes) for classifiers
+        self.probabilities = probabilities
+        #: float32 (n,) for regressors
+        self.values = values
+        #: classifiers: index of each label in the manifest's labels (len(labels) if unknown)
+        self.codes = codes
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            assert self.codes is not None and self._label_text is not None
+            self._labels = self._label_text.take(self.codes)
+        return self._labels
+
+    def __len__(self) -> int:
+        if self._labels is not None:
+            return len(self._labels)
+        assert self.codes is not None
+        return len(self.codes)
 
 
 @dataclass(frozen=True)
@@ -335,10 +363,29 @@ class BundleModel:
                 value = raw.item(0)
                 hit = self._label_cache.get(value) or self._cache_label(value)
                 return Prediction(hit[2].copy(), outs[1], None, hit[3])
+            codes = self._decode_codes(raw.ravel())
+            if codes is not None:  # integer classes: labels are read from the codes if needed
+                return Prediction(None, outs[1], None, codes, label_text=self._label_text)
             labels, codes = self._decode_labels(raw.ravel())
             return Prediction(labels, outs[1], None, codes)
         values = np.asarray(outs[0], dtype=np.float32).reshape(-1)
         return Prediction(values.astype(str).astype(object), None, values)
+
+    def _decode_codes(self, raw: np.ndarray) -> np.ndarray | None:
+        """Codes of a batch of integer classes (more than 16 rows) without building their
+        labels: ``self._label_text[codes]`` are the labels (unknown values: "?"). None when
+        the classes are not integers or the batch is small: see :meth:`_decode_labels`."""
+        if len(raw) <= 16 or raw.dtype.kind not in "iu":
+            return None
+        if self._int_table is not None and raw.dtype == np.int64:
+            shift, table_codes, _ = self._int_table
+            return table_codes.take(raw - shift, mode="clip")
+        if self._int_classes is not None:
+            values, order = self._int_classes
+            pos = np.minimum(np.searchsorted(values, raw), len(values) - 1)
+            codes: np.ndarray = np.where(values[pos] == raw, order[pos], len(self._label_text) - 1)
+            return codes
+        return None
 
     def _decode_labels(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """ONNX label output -> (label strings, codes into the manifest's labels)."""

@@ -319,6 +319,28 @@ def test_label_decoding_paths_agree(small_bundle: Any, keypair: Any) -> None:
     again, _ = model._decode_labels(raw[:1])
     again[0] = "changed"  # callers own what they get back
     assert model._decode_labels(raw[:1])[0].tolist() == [str(raw[0])]
+    # a long batch keeps only codes; its labels, read later, are the decoded ones
+    codes = model._decode_codes(raw)
+    assert codes is not None and codes.tolist() == expected_codes
+    lazy = Prediction(None, None, None, codes, label_text=model._label_text)
+    assert len(lazy) == len(raw)
+    assert lazy.labels.tolist() == long_labels.tolist()
+
+
+def test_a_batch_is_logged_and_answered_with_its_labels(make_agent: Any) -> None:
+    """A batch's labels are decoded off the request path, yet the caller, the prediction log
+    (feedback finds each row's label) and single rows all see the same labels."""
+    agent = make_agent()
+    X = _rows(60)
+    batch = agent.predict(X)
+    assert batch.prediction.codes is not None
+    assert batch.prediction._labels is None  # not built on the request path
+    singles = [agent.predict(x).labels[0] for x in X]
+    assert batch.labels.tolist() == singles
+    agent.flush()
+    for i in (0, 17, 59):
+        found = agent.store.prediction(batch.ids[i])
+        assert found is not None and found["label"] == singles[i]
 
 
 # --- the kernels, bit for bit ---------------------------------------------------------------
