@@ -52,6 +52,11 @@ class Prediction:
         self.codes = codes
 
     @property
+    def label_text(self) -> np.ndarray | None:
+        """The text of each code, when the labels are decoded from the codes (else None)."""
+        return self._label_text
+
+    @property
     def labels(self) -> np.ndarray:
         if self._labels is None:
             assert self.codes is not None and self._label_text is not None

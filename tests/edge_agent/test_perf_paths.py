@@ -533,3 +533,53 @@ def test_named_columns_bundles_do_not_bind(columns_bundle: Any, keypair: Any) ->
     assert model._row_outputs is None
     pred = model.predict({"temp": [21.0], "pressure": [1.1], "color": ["red"]})
     assert pred.labels.tolist()[0] in ("alarm", "ok")
+
+
+@pytest.mark.parametrize("n_labels", [3, 300, 70_000])
+def test_prediction_log_by_codes_reads_back_each_label(tmp_path: Path, n_labels: int) -> None:
+    """A batch logged by its codes (1, 2 or 4 bytes a row, by the size of its label set) and a
+    run logged by its labels both read back per prediction id; a database made before codes
+    were logged (no codes columns) keeps its rows through the migration."""
+    import sqlite3
+
+    from edge_agent.agent import _prediction_rows, _Run
+    from edge_agent.store import AgentStore, WriteBatch
+
+    db = tmp_path / "agent.db"
+    AgentStore(db).close()
+    with sqlite3.connect(db) as conn:  # as m001-m005 left it, with a row of JSON labels
+        conn.execute("ALTER TABLE predictions DROP COLUMN codes")
+        conn.execute("ALTER TABLE predictions DROP COLUMN label_set")
+        conn.execute("DELETE FROM _sqlite_migrations WHERE name = 'm006_prediction_codes'")
+        conn.execute("INSERT INTO predictions (boot, first, n, ts, model_name, model_version, "
+                     "labels, scores) VALUES ('old', 0, 2, ?, 'm', '0.9', '[\"x\", \"y\"]', ?)",
+                     [T0, np.array([0.75, 0.5], dtype="<f4").tobytes()])
+    text = np.array([f"class-{k}" for k in range(n_labels)] + ["?"], dtype=object)
+    codes = np.array([0, n_labels - 1, n_labels, 1 % n_labels], dtype=np.int64)
+
+    class _Loaded:
+        name, version = "m", "1.0.0"
+
+    loaded: Any = _Loaded()
+    pred = Prediction(None, None, np.zeros(4, np.float32), codes, label_text=text)
+    run = _Run(100, T0, loaded)
+    run.labels += ["a", "b"]
+    run.scores += [0.5, 0.25]
+    rows = _prediction_rows("boot", [(0, T0, loaded, pred, np.arange(4, dtype=np.float32)),
+                                     run])
+    assert rows[0][6] is None and rows[0][8] is not None
+    assert len(rows[0][8]) == 4 * (1 if n_labels < 256 else 2 if n_labels < 65536 else 4)
+    store = AgentStore(db)
+    try:
+        store.write(WriteBatch(predictions=rows))
+        for i in range(4):
+            found = store.prediction(f"boot-{i:x}")
+            assert found is not None
+            assert (found["label"], found["score"]) == (text[codes[i]], float(i))
+        assert store.prediction("boot-64") == {"model_name": "m", "model_version": "1.0.0",
+                                               "label": "a", "score": 0.5}
+        assert store.prediction("boot-65")["label"] == "b"  # type: ignore[index]
+        assert store.prediction("old-1") == {"model_name": "m", "model_version": "0.9",
+                                             "label": "y", "score": 0.5}
+    finally:
+        store.close()
