@@ -1,10 +1,17 @@
-"""Numba kernels that fold batches of served rows into a drift sketch, and the row buffer.
+"""Folding batches of served rows into a drift sketch, and the row buffer.
 
 The agent serves one row at a time but sketches in batches: served rows are staged (see
 :mod:`edge_agent.telemetry`) and the staged batches go to :func:`update_sketch_segments` (or
 one batch to :func:`update_sketch`), which folds them into a ``fleet_protocol.sketch.Sketch``'s
-arrays in place, every feature and every batch in one ``njit`` call. :class:`KernelLayout` is
+arrays in place, every feature and every batch in one compiled call. :class:`KernelLayout` is
 the layout flattened into arrays the kernel can read.
+
+The kernel (:mod:`edge_agent.sketch_kernels`) runs from an ahead-of-time build when there is one
+for this source and machine under ``$NUMBA_CACHE_DIR/aot`` (``edgefleet agent warmup`` builds it,
+:mod:`edge_agent.sketch_aot`; ``agent run`` points NUMBA_CACHE_DIR at the data dir's cache, as
+for numba), else from numba's JIT. The build imports without numba and LLVM, which hold ~117 MiB
+once loaded; both give the same bits. The choice is made once, at the first fold (or
+:func:`warmup`), and logged; importing this module imports neither.
 
 Agreement with the numpy reference (``Sketch.update_numeric`` / ``Sketch.update_codes``):
 
@@ -24,50 +31,44 @@ Agreement with the numpy reference (``Sketch.update_numeric`` / ``Sketch.update_
   ``k`` other. A code that is not one of these raises ``SketchError``, as ``update_codes``
   does, and nothing is counted (the kernel checks every code before it writes).
 
-``fastmath=False``, so LLVM neither reorders the sums nor fuses multiply-adds: an x86-64
-gateway and an ARM device produce the same bits. ``nogil=True`` lets the serving thread run
-while the fold thread folds.
-
-How it is fast without fastmath: a numeric column is copied out (widened to float64: the agent
-stages float32 rows, exact in it) in one pass that also takes its NaNs, overflow, count, min and
-max; then it is counted by edge instead of binned by value: for each edge, how many values are
-``>= edge``, a compare summed over the column that LLVM vectorises (integer adds), with no
-per-value search (whose branches mispredict on every row) and no histogram (whose increments of
-the same bin wait on each other); neighbouring counts give the bins. The moment passes run
-row-major with one accumulator per feature, so the features' float dependency chains overlap
-while each feature still sums in row order.
+The kernel is compiled without fastmath (the same bits on x86-64 and ARM) and releases the GIL,
+so the serving thread runs while the fold thread folds; :mod:`edge_agent.sketch_kernels` says
+how it is fast.
 
 Measured cost (2-vCPU x86-64 cloud VM, numba 0.68, after JIT; thread CPU time, best of repeats
 on a host shared with other jobs): 1024 rows x 16 numeric features with 17 edges take 53-58 µs
 per call (3.4 ns per value; binning each value by 16 compare-adds and a histogram took 82-100
-µs, a per-value search 345-355 µs, the numpy reference 1.1-1.6 ms per 256 rows). A call has a
-fixed cost of 2-5 µs (checks and numba dispatch), so batch. ``RowBuffer.append`` of a 16-float
-float64 row takes 0.4-0.8 µs. The first call in a fresh process JIT-compiles for about 3 s, or
-loads numba's on-disk cache in about 0.4 s: call :func:`warmup` at start-up.
+µs, a per-value search 345-355 µs, the numpy reference 1.1-1.6 ms per 256 rows), from the JIT
+or the ahead-of-time build alike. A call has a fixed cost of 2-5 µs (checks and dispatch; the
+build's check of the arguments against its compiled types costs about what the JIT's dispatch
+does), so batch. ``RowBuffer.append`` of a 16-float float64 row takes 0.4-0.8 µs. The first
+call in a fresh process imports the build in about 2 ms, or JIT-compiles for about 3 s, or loads
+numba's on-disk cache in about 0.4 s: call :func:`warmup` at start-up.
 """
 
 from __future__ import annotations
 
-import math
+import logging
+import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
-import numba
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent import sketch_aot
 from edge_agent.errors import AgentError
 from fleet_protocol.errors import SketchError
-from fleet_protocol.sketch import MOMENT_LIMIT, FeatureLayout, Sketch, SketchLayout
+from fleet_protocol.sketch import FeatureLayout, Sketch, SketchLayout
 
 __all__ = ["KernelLayout", "RowBuffer", "update_sketch", "update_sketch_segments", "warmup"]
 
+log = logging.getLogger(__name__)
+
 _S = TypeVar("_S", bound=np.generic)
-# Features with at most this many edges are binned by a vectorised count, longer ones by a
-# bisection per value (the count still wins at 257 edges, the compiler's maximum: 410 µs against
-# ~800 µs per 1024 x 16 values).
-_LINEAR_MAX_EDGES = 512
-_jit = numba.njit(cache=True, fastmath=False, nogil=True)
 
 
 def _frozen(a: npt.ArrayLike, dtype: type[_S]) -> npt.NDArray[_S]:
@@ -75,6 +76,12 @@ def _frozen(a: npt.ArrayLike, dtype: type[_S]) -> npt.NDArray[_S]:
     out: npt.NDArray[_S] = np.ascontiguousarray(np.array(a, dtype=dtype))
     out.setflags(write=False)
     return out
+
+
+_LAYOUT_DTYPES: dict[str, type[np.generic]] = {
+    "offsets": np.int64, "edges": np.float64, "edge_start": np.int64, "edge_count": np.int64,
+    "numeric": np.bool_, "n_slots": np.int64, "last": np.float64,
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -86,7 +93,9 @@ class KernelLayout:
     ``edges[edge_start[j]:edge_start[j] + edge_count[j]]``; a categorical feature has
     ``edge_start`` -1 and ``edge_count`` 0). ``fingerprint`` is the source layout's, checked
     by :func:`update_sketch` so a kernel layout is never applied to another layout's sketch.
-    All arrays are read-only.
+    All arrays are 1-D, read-only, C-contiguous and of their annotated dtype (an array given
+    otherwise is copied so on construction): what the ahead-of-time build was compiled for,
+    checked once here rather than on every fold.
     """
 
     offsets: npt.NDArray[np.int64]
@@ -98,6 +107,18 @@ class KernelLayout:
     fingerprint: str
     #: each numeric feature's last edge (0.0 for a categorical one)
     last: npt.NDArray[np.float64]
+
+    def __post_init__(self) -> None:
+        for name, dtype in _LAYOUT_DTYPES.items():
+            a = getattr(self, name)
+            if not (isinstance(a, np.ndarray) and a.dtype == dtype and a.flags.c_contiguous
+                    and a.flags.aligned and not a.flags.writeable):
+                a = _frozen(a, dtype)
+                object.__setattr__(self, name, a)
+            if a.ndim != 1:
+                raise SketchError(f"kernel layout array {name} has shape {a.shape}, expected "
+                                  "one entry per feature (or per edge); build it with "
+                                  "KernelLayout.from_layout")
 
     @classmethod
     def from_layout(cls, layout: SketchLayout) -> KernelLayout:
@@ -131,212 +152,43 @@ class KernelLayout:
         return int(self.offsets.shape[0])
 
 
-@_jit
-def _count_le(edges: np.ndarray, start: int, n: int, x: float) -> int:
-    """How many of the sorted ``edges[start:start + n]`` (``n >= 1``) are ``<= x``.
-
-    A branch-free bisection: the step is a multiply by the comparison, so random values cost no
-    mispredicted branches (a ``select`` here is turned back into a branch by LLVM). 0 for NaN.
-    """
-    base = start
-    while n > 1:
-        half = n >> 1
-        base += half * (edges[base + half - 1] <= x)
-        n -= half
-    return base - start + (edges[base] <= x)
+_Fold = Callable[..., tuple[int, int, int]]
 
 
-@_jit
-def _first_bad_code(
-    values: np.ndarray, numeric: np.ndarray, n_slots: np.ndarray
-) -> tuple[int, int]:
-    """(feature, row) of the first invalid categorical code, or (-1, -1) when all are valid."""
-    n_rows, n_features = values.shape
-    for j in range(n_features):
-        if numeric[j]:
-            continue
-        other = float(n_slots[j] - 1)
-        for i in range(n_rows):
-            c = values[i, j]
-            if math.isnan(c):
-                continue
-            if c < -1.0 or c > other or c != math.floor(c):
-                return j, i
-    return -1, -1
+class _Kernels:
+    """Which kernel folds: chosen once per process, on first use, from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._chosen = False
+        self._aot: sketch_aot.AotKernel | None = None
+        self._jit: _Fold | None = None
+
+    def aot(self) -> sketch_aot.AotKernel | None:
+        """The ahead-of-time build under NUMBA_CACHE_DIR (read from the environment, as numba
+        reads it), or None: then :meth:`jit`."""
+        if not self._chosen:
+            with self._lock:
+                if not self._chosen:
+                    cache_dir = os.environ.get("NUMBA_CACHE_DIR")
+                    if cache_dir:
+                        self._aot = sketch_aot.load(Path(cache_dir))  # logs which, and why
+                    else:
+                        log.info("sketch kernels: numba's JIT (NUMBA_CACHE_DIR is not set: no "
+                                 "ahead-of-time build to look for)")
+                    self._chosen = True
+        return self._aot
+
+    def jit(self) -> _Fold:
+        """The numba kernel (imports numba and LLVM the first time)."""
+        if self._jit is None:
+            from edge_agent.sketch_kernels import _update_segments_kernel
+
+            self._jit = _update_segments_kernel
+        return self._jit
 
 
-@_jit
-def _update_kernel(
-    counts: np.ndarray,
-    missing: np.ndarray,
-    moments: np.ndarray,
-    offsets: np.ndarray,
-    edges: np.ndarray,
-    last_edge: np.ndarray,
-    edge_start: np.ndarray,
-    edge_count: np.ndarray,
-    numeric: np.ndarray,
-    n_slots: np.ndarray,
-    values: np.ndarray,
-) -> tuple[int, int]:
-    """Fold ``values`` into the sketch arrays; (feature, row) of a bad code, else (-1, -1).
-
-    Per numeric feature: copy its column out, bin it (vectorised), histogram the slots, and take
-    the count, first value (the shift), min and max of the in-limit values in row order. Then
-    the two moment passes run row-major with one accumulator per feature: each feature's sum is
-    still taken in row order (the same bits as a column loop), but the features' dependency
-    chains interleave instead of waiting on each other's float latency.
-    """
-    bad = _first_bad_code(values, numeric, n_slots)
-    if bad[0] >= 0:
-        return bad
-    n_rows, n_features = values.shape
-    # the column widened to float64 (float32 values are exact in it), binned by float64
-    # compares: four lanes of compare results are four int64 lanes of counts
-    col = np.empty(n_rows, dtype=np.float64)
-    slots = np.empty(n_rows, dtype=np.int64)
-    hist = np.empty((int(n_slots.max()) if n_features else 0) + 2, dtype=np.int64)
-    n_in = np.zeros(n_features, dtype=np.int64)
-    shift = np.zeros(n_features, dtype=np.float64)
-    lo = np.empty(n_features, dtype=np.float64)
-    hi = np.empty(n_features, dtype=np.float64)
-    for j in range(n_features):
-        offset = offsets[j]
-        if not numeric[j]:
-            n_missing = 0
-            for i in range(n_rows):
-                c = values[i, j]
-                if math.isnan(c) or c < 0.0:
-                    n_missing += 1
-                else:
-                    counts[offset + int(c)] += 1
-            missing[j] += n_missing
-            continue
-        m = edge_count[j]
-        # The slot of x under edges[start:start + m] (numeric_slot's rule) is (edges but the
-        # last that are <= x) + (x > last edge): x == last lands in the last inner bin, x > last
-        # (and +inf) in the overflow; NaN (missing) compares false everywhere.
-        start = edge_start[j]
-        last = last_edge[j]
-        # One pass copies the column out and takes what needs no edge: NaNs, the overflow, and
-        # the count, first value (the shift), min and max of the values within MOMENT_LIMIT
-        # (False for NaN), in row order as in the reference.
-        n_nan = 0
-        n_over = 0
-        n = 0
-        lo_j = math.inf
-        hi_j = -math.inf
-        for i in range(n_rows):
-            x = values[i, j]
-            col[i] = x
-            n_nan += x != x
-            n_over += x > last
-            if abs(x) <= MOMENT_LIMIT:
-                if n == 0:
-                    shift[j] = x
-                n += 1
-                if x < lo_j:
-                    lo_j = x
-                if x > hi_j:
-                    hi_j = x
-        n_in[j] = n
-        lo[j] = lo_j
-        hi[j] = hi_j
-        missing[j] += n_nan
-        if m - 1 <= _LINEAR_MAX_EDGES:
-            # Counted by edge, not by value: with G_k = #(x >= e_k) for the edges but the last,
-            # B = [values not NaN, G_0, ..., G_{m-2}, #(x > last)] is non-increasing (sorted
-            # edges) and slot s holds B[s] - B[s+1] (the overflow B[m]). Each G_k is a compare
-            # summed over the column: a reduction LLVM vectorises, with no per-value slot and
-            # no histogram (whose increments of the same bins wait on each other).
-            prev = n_rows - n_nan
-            for k in range(start, start + m - 1):
-                e = edges[k]
-                g = 0
-                for i in range(n_rows):
-                    g += e <= col[i]
-                counts[offset + k - start] += prev - g
-                prev = g
-            counts[offset + m - 1] += prev - n_over
-            counts[offset + m] += n_over
-        else:
-            # long edge lists: a branch-free bisection per value, then a histogram
-            for i in range(n_rows):
-                x = col[i]
-                slots[i] = _count_le(edges, start, m - 1, x) + (x > last) + (x != x) * (m + 1)
-            hist[: m + 2] = 0
-            for i in range(n_rows):
-                hist[slots[i]] += 1
-            for s in range(m + 1):
-                counts[offset + s] += hist[s]
-    # The batch mean is shifted by the batch's first in-limit value: mean = x0 + sum(x - x0) / n.
-    acc = np.zeros(n_features, dtype=np.float64)
-    for i in range(n_rows):
-        for j in range(n_features):
-            x = values[i, j]
-            if abs(x) <= MOMENT_LIMIT:
-                acc[j] += x - shift[j]
-    mean_b = np.zeros(n_features, dtype=np.float64)
-    for j in range(n_features):
-        if n_in[j]:
-            mean_b[j] = shift[j] + acc[j] / n_in[j]
-    m2 = np.zeros(n_features, dtype=np.float64)
-    for i in range(n_rows):
-        for j in range(n_features):
-            x = values[i, j]
-            if abs(x) <= MOMENT_LIMIT:
-                d = x - mean_b[j]
-                m2[j] += d * d
-    for j in range(n_features):
-        if not n_in[j]:
-            continue
-        nb = float(n_in[j])
-        na = moments[j, 0]
-        if na == 0.0:
-            moments[j, 0] = nb
-            moments[j, 1] = mean_b[j]
-            moments[j, 2] = m2[j]
-            moments[j, 3] = lo[j]
-            moments[j, 4] = hi[j]
-            continue
-        # Same operations, in the same order, as fleet_protocol.sketch.merge_moments.
-        total = na + nb
-        delta = mean_b[j] - moments[j, 1]
-        moments[j, 1] = moments[j, 1] + delta * (nb / total)
-        moments[j, 2] = moments[j, 2] + m2[j] + delta * delta * (na * nb / total)
-        moments[j, 0] = total
-        moments[j, 3] = min(moments[j, 3], lo[j])
-        moments[j, 4] = max(moments[j, 4], hi[j])
-    return -1, -1
-
-
-@_jit
-def _update_segments_kernel(
-    counts: np.ndarray,
-    missing: np.ndarray,
-    moments: np.ndarray,
-    offsets: np.ndarray,
-    edges: np.ndarray,
-    last_edge: np.ndarray,
-    edge_start: np.ndarray,
-    edge_count: np.ndarray,
-    numeric: np.ndarray,
-    n_slots: np.ndarray,
-    values: np.ndarray,
-    ends: np.ndarray,
-) -> tuple[int, int, int]:
-    """Fold ``values[ends[k-1]:ends[k]]`` for each k in turn, exactly as that many
-    ``_update_kernel`` calls; (segment, feature, row) of the first bad code, else -1s."""
-    start = 0
-    for k in range(ends.shape[0]):
-        end = ends[k]
-        if end > start:
-            j, i = _update_kernel(counts, missing, moments, offsets, edges, last_edge,
-                                  edge_start, edge_count, numeric, n_slots, values[start:end])
-            if j >= 0:
-                return k, j, i
-        start = end
-    return -1, -1, -1
+_KERNELS = _Kernels()
 
 
 def update_sketch(sketch: Sketch, klayout: KernelLayout, values: npt.ArrayLike) -> None:
@@ -383,20 +235,29 @@ def update_sketch_segments(
         _raise_bad_code(sketch, x[start:], j, i, f"batch {k} (rows {start}..{int(e[k]) - 1}): ")
 
 
+def _kernel_args(sketch: Sketch, klayout: KernelLayout, x: np.ndarray,
+                 ends: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The kernel's arguments, in its order."""
+    return (sketch.counts, sketch.missing, sketch.moments, klayout.offsets, klayout.edges,
+            klayout.last, klayout.edge_start, klayout.edge_count, klayout.numeric,
+            klayout.n_slots, x, ends)
+
+
 def _fold(sketch: Sketch, klayout: KernelLayout, x: np.ndarray,
           ends: np.ndarray) -> tuple[int, int, int]:
     """Run the kernel on checked values: (bad batch, feature, row), -1s when all folded."""
-    k, j, i = _update_segments_kernel(
-        sketch.counts, sketch.missing, sketch.moments, klayout.offsets, klayout.edges,
-        klayout.last,
-        klayout.edge_start, klayout.edge_count, klayout.numeric, klayout.n_slots, x, ends)
+    args = _kernel_args(sketch, klayout, x, np.ascontiguousarray(ends))
+    aot = _KERNELS.aot()
+    # the build declines arrays that are not of its compiled types; the JIT takes any
+    done = aot.fold(args) if aot is not None else None
+    k, j, i = done if done is not None else _KERNELS.jit()(*args)
     return int(k), int(j), int(i)
 
 
 def _checked_values(sketch: Sketch, klayout: KernelLayout, values: npt.ArrayLike) -> np.ndarray:
-    """``values`` as C-contiguous float32 (when given so: the agent stages float32 rows, and
-    the kernel widens each column as it copies it out) or float64 rows of the sketch's layout,
-    or SketchError."""
+    """``values`` as C-contiguous, aligned float32 (when given so: the agent stages float32
+    rows, and the kernel widens each column as it copies it out) or float64 rows of the
+    sketch's layout, or SketchError."""
     if klayout.fingerprint != sketch.layout.fingerprint():
         raise SketchError(
             f"kernel layout {klayout.fingerprint} does not match the sketch's layout "
@@ -412,8 +273,8 @@ def _checked_values(sketch: Sketch, klayout: KernelLayout, values: npt.ArrayLike
             f"values have shape {x.shape}, expected (n_rows, {klayout.n_features}) for layout "
             f"{klayout.fingerprint}"
         )
-    if not x.flags.c_contiguous:
-        x = np.ascontiguousarray(x)
+    if not (x.flags.c_contiguous and x.flags.aligned):
+        x = np.array(x, order="C")  # a fresh copy: contiguous and aligned, as compiled for
     return x
 
 
@@ -427,7 +288,8 @@ def _raise_bad_code(sketch: Sketch, x: np.ndarray, j: int, i: int, where: str = 
 
 
 def warmup() -> None:
-    """Compile (or load from numba's cache) the kernels on tiny inputs."""
+    """Choose the kernel (logged) and run it on tiny float32 and float64 inputs, so the first
+    real fold neither imports, nor compiles, nor loads numba's cache."""
     layout = SketchLayout(
         (
             FeatureLayout("x", "numeric", edges=(0.0, 1.0)),
@@ -437,7 +299,8 @@ def warmup() -> None:
     sketch = Sketch.empty(layout)
     klayout = KernelLayout.from_layout(layout)
     values = np.array([[0.5, 0.0], [np.nan, -1.0]])
-    update_sketch_segments(sketch, klayout, values, [1, 2])
+    for dtype in (np.float32, np.float64):
+        update_sketch_segments(sketch, klayout, values.astype(dtype), [1, 2])
 
 
 class RowBuffer:

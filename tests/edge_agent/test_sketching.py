@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
@@ -149,13 +150,19 @@ def test_empty_batch_changes_nothing(case: Case) -> None:
 
 
 @SETTINGS
-@given(case=cases(max_batches=1), order=st.sampled_from(["F", "sliced"]))
+@given(case=cases(max_batches=1), order=st.sampled_from(["F", "sliced", "unaligned"]))
 def test_non_contiguous_values_give_the_same_result(case: Case, order: str) -> None:
-    """Fortran-ordered or strided input is folded exactly like the same values in C order."""
+    """Fortran-ordered, strided or unaligned input is folded exactly like the same values in
+    aligned C order (the ahead-of-time build is compiled for aligned C order only)."""
     kl = KernelLayout.from_layout(case.layout)
     batch = case.batches[0]
     if order == "F":
         other = np.asfortranarray(batch)
+    elif order == "unaligned":
+        raw = np.zeros(batch.nbytes + 1, dtype=np.uint8)
+        other = raw[1:].view(np.float64).reshape(batch.shape)
+        other[...] = batch
+        assert not other.flags.aligned or batch.size == 0
     else:
         wide = np.zeros((batch.shape[0], 2 * batch.shape[1]))
         wide[:, ::2] = batch
@@ -304,6 +311,26 @@ def test_kernel_layout_flattens_the_layout() -> None:
     assert kl.numeric.tolist() == [True, False, True]
     assert kl.n_slots.tolist() == [5, 4, 4]
     assert not kl.edges.flags.writeable
+
+
+def test_kernel_layout_arrays_are_made_what_the_kernels_expect() -> None:
+    """A KernelLayout built field by field gets read-only, C-contiguous arrays of its dtypes
+    (the ahead-of-time build checks them only here); a 2-D array raises SketchError."""
+    kl = KernelLayout.from_layout(_layout())
+    fields = {name: getattr(kl, name) for name in
+              ("offsets", "edges", "edge_start", "edge_count", "numeric", "n_slots", "last")}
+    # lists, and a strided writable float32 array
+    given: dict[str, Any] = {name: a.tolist() for name, a in fields.items()}
+    given["edges"] = np.repeat(fields["edges"].astype(np.float32), 2)[::2]
+    loose = KernelLayout(**given, fingerprint=kl.fingerprint)
+    for name, a in fields.items():
+        b = getattr(loose, name)
+        assert b.dtype == a.dtype and b.flags.c_contiguous and not b.flags.writeable, name
+        assert b.tolist() == a.tolist(), name
+    assert kl.offsets is fields["offsets"]  # from_layout's arrays are kept, not copied again
+    with pytest.raises(SketchError, match="offsets has shape"):
+        KernelLayout(**{**fields, "offsets": fields["offsets"][None, :]},
+                     fingerprint=kl.fingerprint)
 
 
 def test_row_buffer_fills_drains_and_refuses_overflow() -> None:
