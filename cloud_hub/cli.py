@@ -101,7 +101,7 @@ def run_hub(config: HubConfig, stop: threading.Event, *, echo: Any = print,
     """Run the hub of ``config`` until ``stop`` is set: store, broker (embedded when no URL is
     configured), workers; then stop the workers (their queued batches stored and receipted),
     the broker and the store, in that order. ``ready`` is set once every worker subscribed."""
-    from cloud_hub.worker import HubWorker, default_client_id
+    from cloud_hub.worker import HubWorker, default_client_id, settle_heap
 
     b = config.broker
     embedded = b.url is None
@@ -145,7 +145,10 @@ def run_hub(config: HubConfig, stop: threading.Event, *, echo: Any = print,
                     keepalive=b.keepalive_seconds)
             except ValueError as err:
                 raise HubConfigError(f"cannot configure worker {i}: {err}") from err
-            workers.append(worker.start())
+            workers.append(worker)
+        settle_heap()
+        for worker in workers:
+            worker.start()
         echo(f"hub: {n} worker(s) ingesting from {url} into {stores[0].describe()} "
              f"(client ids: {', '.join(w.client_id for w in workers)})")
         announced = False

@@ -8,14 +8,17 @@ Hierarchy::
     ├── SelectorError             a tag selector or tag assignment that does not parse
     ├── DeviceNotFound            a device id the registry has never heard from
     ├── QueryError                a fleet query with a bad time range or argument
+    ├── MqttConnectionError       the broker cannot be reached, closed the connection or broke
+    │                             the protocol (the hub worker logs it and connects again)
     └── BundleError               a bundle file that is truncated, tampered or badly signed
         ├── SignatureError        its signature does not verify against any trusted key
         ├── BundleNotFound        no bundle of that name and version was added to the hub
         └── BundleConflict        another bundle with the same name and version is on the hub
 
 Each message says what failed, the value, what was expected and what to do next. Errors of
-SQLAlchemy, psycopg and cryptography are translated into these once, where they happen
-(cloud_hub.store, cloud_hub.bundles); the CLI turns them into one ``error:`` line.
+SQLAlchemy, psycopg, cryptography and the broker's socket are translated into these once, where
+they happen (cloud_hub.store, cloud_hub.bundles, cloud_hub.mqtt_client); the CLI turns them
+into one ``error:`` line.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = [
     "CloudHubError",
     "DeviceNotFound",
     "HubStoreError",
+    "MqttConnectionError",
     "QueryError",
     "SelectorError",
     "SignatureError",
@@ -51,6 +55,10 @@ class DeviceNotFound(CloudHubError):
 
 class QueryError(CloudHubError):
     """A fleet query with a bad argument (time range, top, ...)."""
+
+
+class MqttConnectionError(CloudHubError):
+    """The broker cannot be reached, closed the connection, or sent what MQTT does not allow."""
 
 
 class BundleError(CloudHubError):

@@ -3,7 +3,7 @@
 Two steps. :func:`decode_batch` is pure: each payload goes through
 ``fleet_protocol.messages.decode_for_topic`` (size before parsing, strict models, protocol
 version, the envelope's device equal to the topic's) and every window's two sketches through
-``fleet_protocol.codec`` (self-describing header, canonical varints, no trailing bytes). A
+:mod:`cloud_hub.sketch_check` (self-describing header, canonical varints, no trailing bytes). A
 message that fails becomes a :class:`Rejection` — counted, logged with its device id, stored in
 ``rejections`` — never an exception, and never half written: a bad sketch refuses its whole
 envelope before anything is written.
@@ -39,18 +39,22 @@ delete it.
 from __future__ import annotations
 
 import logging
+import sys
 import time
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from cloud_hub import ingest_sql
 from cloud_hub import store as tables
-from fleet_protocol import codec, topics
-from fleet_protocol.errors import CodecError, ProtocolError
+from cloud_hub.ingest_sql import IngestSql
+from cloud_hub.sketch_check import bad_sketches
+from fleet_protocol import topics
+from fleet_protocol.errors import ProtocolError
 from fleet_protocol.messages import (
     MESSAGE_TYPES,
     Ack,
@@ -68,7 +72,8 @@ from fleet_protocol.messages import (
 if TYPE_CHECKING:
     from cloud_hub.store import HubStore
 
-__all__ = ["REJECT_KINDS", "IngestResult", "RejectKind", "Rejection", "decode_batch", "ingest"]
+__all__ = ["REJECT_KINDS", "IngestResult", "PendingIngest", "RejectKind", "Rejection",
+           "begin_ingest", "decode_batch", "ingest"]
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +89,6 @@ REJECT_KINDS: tuple[RejectKind, ...] = get_args(RejectKind)
 #: forever behind a gap. Not "protocol" (a newer agent: upgrade the hub instead of dropping
 #: its data) nor "device_id" (an envelope speaking for another device is not trusted at all).
 MARKED_KINDS: frozenset[RejectKind] = frozenset({"invalid", "sketch", "unstorable"})
-_CHUNK = 400  # rows per multi-VALUES statement (SQLite allows 32,766 parameters)
 _MAX_TOPIC_CHARS = 512
 _MAX_REASON_CHARS = 2000
 _HOUR = 3600
@@ -128,59 +132,6 @@ class IngestResult:
 # --- step 1: decode (pure) -----------------------------------------------------------------
 
 
-def _header(data: bytes) -> tuple[int, int, int] | None:
-    """The three lengths a sketch header declares (None if they do not parse: the single
-    decode then says why). Plain Python: a few bytes, called once per sketch."""
-    pos, out = codec.HEADER_BYTES, []
-    for _ in range(3):
-        value = shift = 0
-        for _byte in range(9):
-            if pos >= len(data):
-                return None
-            b = data[pos]
-            pos += 1
-            value |= (b & 0x7F) << shift
-            shift += 7
-            if b < 0x80:
-                break
-        else:
-            return None
-        out.append(value)
-    return out[0], out[1], out[2]
-
-
-def check_sketch(data: bytes, fingerprint: str) -> None:
-    """CodecError unless ``data`` decodes as a sketch of layout ``fingerprint`` by its own
-    header (the hub may not know the bundle; the header says the lengths)."""
-    dims, _ = codec.decode_uvarints(data, 3, codec.HEADER_BYTES, "header")
-    codec.decode_sketch(data, fingerprint, *(int(d) for d in dims))
-
-
-def bad_sketches(sketches: Sequence[tuple[bytes, str]]) -> dict[int, str]:
-    """The sketches among (bytes, layout fingerprint) that :func:`check_sketch` refuses, by
-    index, with why. Sketches of one layout and lengths are checked together by
-    ``codec.decode_counts_batch`` (a few numpy passes for the whole batch instead of a few per
-    sketch); a group that fails is checked one by one to name the culprits."""
-    groups: dict[tuple[str, tuple[int, int, int] | None], list[int]] = defaultdict(list)
-    for i, (data, fingerprint) in enumerate(sketches):
-        groups[(fingerprint, _header(data))].append(i)
-    bad: dict[int, str] = {}
-    for (fingerprint, dims), members in groups.items():
-        if dims is not None:
-            try:
-                codec.decode_counts_batch([sketches[i][0] for i in members], fingerprint,
-                                          *dims)
-                continue
-            except CodecError:
-                pass
-        for i in members:
-            try:
-                check_sketch(sketches[i][0], fingerprint)
-            except CodecError as err:
-                bad[i] = str(err)
-    return bad
-
-
 def _classify(err: MessageError) -> RejectKind:
     if err.field == "protocol":
         return "protocol"
@@ -205,7 +156,7 @@ def _decode_one(topic: str, payload: bytes) -> BaseMessage | Rejection:
         return Rejection(device, topic, "oversized", f"{kind} payload of {size} bytes is over "
                          f"the {limit} bytes allowed; refused unread", size)
     try:
-        return decode_for_topic(topic, payload)
+        return decode_for_topic(topic, payload, parsed=(device, kind))
     except MessageError as err:
         why = _classify(err)
         key = envelope_key(payload) if why in MARKED_KINDS and kind == "telemetry" else None
@@ -220,16 +171,17 @@ def decode_batch(messages: Sequence[tuple[str, bytes]]
     """
     outcomes: list[BaseMessage | Rejection] = [_decode_one(t, p) for t, p in messages]
     sketches: list[tuple[bytes, str]] = []
-    where: list[tuple[int, str]] = []  # (message index, "items.<i>.inputs")
+    where: list[tuple[int, int, str]] = []  # (message index, item index, "inputs")
     for m, out in enumerate(outcomes):
         if isinstance(out, TelemetryEnvelope):
             for i, item in enumerate(out.items):
                 if isinstance(item, WindowItem):
-                    sketches += [(item.inputs, item.input_fingerprint),
-                                 (item.outputs, item.output_fingerprint)]
-                    where += [(m, f"items.{i}.inputs"), (m, f"items.{i}.outputs")]
+                    fingerprint_in, _, fingerprint_out = item.layout.partition("/")
+                    sketches += [(item.inputs, fingerprint_in), (item.outputs, fingerprint_out)]
+                    where += [(m, i, "inputs"), (m, i, "outputs")]
     for k, reason in sorted(bad_sketches(sketches).items()):
-        m, field_name = where[k]
+        m, i, which = where[k]
+        field_name = f"items.{i}.{which}"
         env = outcomes[m]
         if isinstance(env, TelemetryEnvelope):  # else: an earlier sketch refused it already
             topic, payload = messages[m]
@@ -273,8 +225,7 @@ class _Device:
     online_state: StateMessage | None = None
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):
     """One envelope row to store: a valid envelope, or a refused one's marker (no items)."""
 
     device_id: str
@@ -303,51 +254,30 @@ def _entries(envs: list[TelemetryEnvelope], rejected: list[Rejection]) -> list[_
     return out
 
 
-def _chunks(rows: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(rows), size):
-        yield rows[i:i + size]
-
-
-def _lock_devices(store: HubStore, conn: Connection, ids: list[str],
+def _lock_devices(sql: IngestSql, conn: Connection, ids: list[str],
                   now: float) -> dict[str, _Device]:
-    d = tables.devices
     if not ids:
         return {}
-    # executemany of one statement: compiled once (multi-VALUES statements built per batch
-    # cost more in SQLAlchemy than the database spends on them)
-    conn.execute(store.insert(d).on_conflict_do_nothing(index_elements=["device_id"]), [
-        {"device_id": i, "first_seen": now, "last_seen": now, "online": False,
-         "slots": "{}", "health": "{}", "device_tags": "{}", "operator_tags": "{}",
-         "up_to_seq": 0, "max_seq": 0, "messages": 0, "duplicates": 0, "conflicts": 0,
-         "refused": 0} for i in ids])
-    out: dict[str, _Device] = {}
-    for chunk in _chunks(ids):
-        rows = conn.execute(sa.select(d.c.device_id, d.c.stream, d.c.up_to_seq, d.c.max_seq,
-                                      d.c.state_ts)
-                            .where(d.c.device_id.in_(chunk)).order_by(d.c.device_id)
-                            .with_for_update())
-        for r in rows:
-            out[r.device_id] = _Device(r.stream, int(r.up_to_seq), int(r.max_seq), r.state_ts)
-    return out
+    sql.insert_devices(conn, [(i, now, now, False, "{}", "{}", "{}", "{}", 0, 0, 0, 0, 0, 0)
+                              for i in ids])
+    return {r[0]: _Device(r[1], int(r[2]), int(r[3]), r[4]) for r in sql.lock_devices(conn, ids)}
 
 
-def _load_streams(store: HubStore, conn: Connection, devs: dict[str, _Device],
+def _load_streams(sql: IngestSql, conn: Connection, devs: dict[str, _Device],
                   keys: list[tuple[str, str]], now: float) -> None:
-    """The stream rows of ``keys`` into ``devs`` (under the devices' row locks); a stream new
-    to a device that had others is logged: its database was reset (or two devices share an
-    id)."""
+    """The stream rows of ``keys`` into ``devs`` (under the devices' row locks, so no other
+    writer adds a stream of these devices meanwhile); a stream new to a device that had others
+    is logged: its database was reset (or two devices share an id)."""
     if not keys:
         return
-    st = tables.streams
-    new = {(r.device_id, r.stream) for r in conn.execute(
-        store.insert(st).on_conflict_do_nothing(index_elements=["device_id", "stream"])
-        .returning(st.c.device_id, st.c.stream),
-        [{"device_id": dev, "stream": stream, "up_to_seq": 0, "max_seq": 0,
-          "first_seen": now, "last_seen": now} for dev, stream in keys])}
-    for clause in tables.where_keys([st.c.device_id, st.c.stream], keys):
-        for r in conn.execute(sa.select(st.c.device_id, st.c.stream, st.c.up_to_seq,
-                                        st.c.max_seq).where(clause)):
-            devs[r.device_id].streams[r.stream] = _Stream(int(r.up_to_seq), int(r.max_seq))
+    wanted = set(keys)
+    for device_id, stream, up, top in sql.select_streams(conn, sorted({d for d, _ in keys})):
+        if (device_id, stream) in wanted:
+            devs[device_id].streams[stream] = _Stream(int(up), int(top))
+    new = [(d, k) for d, k in keys if k not in devs[d].streams]
+    sql.insert_streams(conn, [(d, k, 0, 0, now, now) for d, k in new])
+    for device_id, stream in new:
+        devs[device_id].streams[stream] = _Stream(0, 0)
     for device_id, stream in sorted(new):
         dev = devs[device_id]
         if dev.stream is not None and dev.stream != stream:
@@ -361,18 +291,12 @@ def _load_streams(store: HubStore, conn: Connection, devs: dict[str, _Device],
         dev.up_to_seq, dev.max_seq = 0, 0
 
 
-def _store_envelopes(store: HubStore, conn: Connection, entries: list[_Entry],
+def _store_envelopes(sql: IngestSql, conn: Connection, entries: list[_Entry],
                      now: float, worker: str) -> set[tuple[str, str, int]]:
     """Insert the envelope rows (first of each key in the batch); the keys that were new."""
-    e = tables.envelopes
-    rows = [{"device_id": m.device_id, "stream": m.stream, "seq": m.seq,
-             "message_id": m.message_id, "sent_at": m.sent_at, "received_at": now,
-             "n_items": m.n_items, "agent_version": m.agent_version, "worker": worker,
-             "refused": m.refused} for m in entries]
-    result = conn.execute(store.insert(e).on_conflict_do_nothing(
-        index_elements=["device_id", "stream", "seq"])
-        .returning(e.c.device_id, e.c.stream, e.c.seq), rows)
-    return {(r.device_id, r.stream, int(r.seq)) for r in result}
+    return sql.insert_envelopes(conn, [
+        (m.device_id, m.stream, m.seq, m.message_id, m.sent_at, now, m.n_items,
+         m.agent_version, worker, m.refused) for m in entries])
 
 
 def _stored_ids(conn: Connection, keys: list[tuple[str, str, int]]
@@ -386,21 +310,18 @@ def _stored_ids(conn: Connection, keys: list[tuple[str, str, int]]
     return out
 
 
-def _store_items(store: HubStore, conn: Connection, envs: list[TelemetryEnvelope]) -> None:
-    win_rows: list[dict[str, Any]] = []
+def _store_items(sql: IngestSql, conn: Connection, envs: list[TelemetryEnvelope]) -> None:
+    win_rows: list[tuple[Any, ...]] = []
     event_rows: list[dict[str, Any]] = []
     sample_rows: list[dict[str, Any]] = []
     dirty: set[tuple[str, str, str, str, int]] = set()
     for m in envs:
         for item in m.items:
             if isinstance(item, WindowItem):
-                win_rows.append({
-                    "device_id": m.device_id, "stream": m.stream, "seq": m.seq,
-                    "model_name": item.model_name,
-                    "model_version": item.model_version, "slot": item.slot,
-                    "start": item.start, "end": item.end, "layout": item.layout,
-                    "rows": item.rows, "inputs": item.inputs, "outputs": item.outputs,
-                    "metrics": tables.dump_json(item.metrics)})
+                win_rows.append((
+                    m.device_id, m.stream, m.seq, item.model_name, item.model_version,
+                    item.slot, item.start, item.end, item.layout, item.rows, item.inputs,
+                    item.outputs, tables.dump_json(item.metrics)))
                 dirty.add((item.model_name, item.model_version, item.layout, m.device_id,
                            int(item.start // _HOUR)))
             elif isinstance(item, EventItem):
@@ -411,20 +332,14 @@ def _store_items(store: HubStore, conn: Connection, envs: list[TelemetryEnvelope
                 sample_rows.append({"device_id": m.device_id, "stream": m.stream, "seq": m.seq,
                                     "prediction_id": item.prediction_id, "ts": item.ts,
                                     "model_version": item.model_version, "inputs": item.inputs})
-    for table, rows in ((tables.windows, win_rows), (tables.events, event_rows),
-                        (tables.samples, sample_rows)):
+    sql.insert_windows(conn, win_rows)
+    for table, rows in ((tables.events, event_rows), (tables.samples, sample_rows)):
         if rows:
             conn.execute(table.insert(), rows)
-    if dirty:
-        # ON CONFLICT DO UPDATE, not DO NOTHING: the no-op update locks a mark a concurrent
-        # rollup refresh may be claiming, so the refresh cannot drop it while this window is
-        # still uncommitted (cloud_hub.fleet_drift). Sorted: every writer locks in one order.
-        stmt = store.insert(tables.rollup_dirty)
-        conn.execute(stmt.on_conflict_do_update(
-            index_elements=["model_name", "model_version", "layout", "device_id", "hour"],
-            set_={"hour": stmt.excluded.hour}),
-            [{"model_name": a, "model_version": b, "layout": c, "device_id": dev, "hour": h}
-             for a, b, c, dev, h in sorted(dirty)])
+    # ON CONFLICT DO UPDATE, not DO NOTHING: the no-op update locks a mark a concurrent rollup
+    # refresh may be claiming, so the refresh cannot drop it while this window is still
+    # uncommitted (cloud_hub.fleet_drift). Sorted: every writer locks in one order.
+    sql.mark_dirty(conn, sorted(dirty))
 
 
 def _advance(conn: Connection, device_id: str, stream: str, st: _Stream) -> None:
@@ -455,40 +370,17 @@ def _apply_state(dev: _Device, msg: StateMessage) -> bool:
     return True
 
 
-def _greatest(conn: Connection, column: Any, value: Any) -> Any:
-    return (sa.func.max(column, value) if conn.dialect.name == "sqlite"
-            else sa.func.greatest(column, value))
-
-
-def _update_devices(conn: Connection, devs: dict[str, _Device], now: float) -> None:
+def _update_devices(sql: IngestSql, conn: Connection, devs: dict[str, _Device],
+                    now: float) -> None:
     d = tables.devices
     for dev in devs.values():  # the registry shows the newest stream's progress
         current = dev.streams.get(dev.stream or "")
         if current is not None:
             dev.up_to_seq, dev.max_seq = current.up_to_seq, current.max_seq
-    conn.execute(
-        d.update().where(d.c.device_id == sa.bindparam("b_device"))
-        .values(last_seen=_greatest(conn, d.c.last_seen, sa.bindparam("b_now")),
-                stream=sa.bindparam("b_stream"),
-                up_to_seq=sa.bindparam("b_up"), max_seq=sa.bindparam("b_max"),
-                messages=d.c.messages + sa.bindparam("b_stored"),
-                duplicates=d.c.duplicates + sa.bindparam("b_dups"),
-                conflicts=d.c.conflicts + sa.bindparam("b_conflicts"),
-                refused=d.c.refused + sa.bindparam("b_refused")),
-        [{"b_device": i, "b_now": now, "b_stream": v.stream, "b_up": v.up_to_seq,
-          "b_max": v.max_seq, "b_stored": v.stored, "b_dups": v.duplicates,
-          "b_conflicts": v.conflicts, "b_refused": v.refused}
-         for i, v in devs.items()])
-    st = tables.streams
-    stream_rows = [{"b_device": i, "b_stream": k, "b_up": v.up_to_seq, "b_max": v.max_seq,
-                    "b_now": now} for i, dev in devs.items() for k, v in dev.streams.items()]
-    if stream_rows:
-        conn.execute(
-            st.update().where(st.c.device_id == sa.bindparam("b_device"),
-                              st.c.stream == sa.bindparam("b_stream"))
-            .values(up_to_seq=sa.bindparam("b_up"), max_seq=sa.bindparam("b_max"),
-                    last_seen=_greatest(conn, st.c.last_seen, sa.bindparam("b_now"))),
-            stream_rows)
+    sql.update_devices(conn, [(now, v.stream, v.up_to_seq, v.max_seq, v.stored, v.duplicates,
+                               v.conflicts, v.refused, i) for i, v in devs.items()])
+    sql.update_streams(conn, [(v.up_to_seq, v.max_seq, now, i, k)
+                              for i, dev in devs.items() for k, v in dev.streams.items()])
     for device_id, dev in devs.items():
         s = dev.state
         if s is None:
@@ -503,20 +395,21 @@ def _update_devices(conn: Connection, devs: dict[str, _Device], now: float) -> N
         conn.execute(d.update().where(d.c.device_id == device_id).values(**values))
 
 
-def _write(store: HubStore, conn: Connection, valid: list[BaseMessage],
+def _write(conn: Connection, valid: list[BaseMessage],
            rejected: list[Rejection], now: float, worker: str) -> IngestResult:
+    sql = ingest_sql.for_dialect(conn.dialect.name)
     envs = [m for m in valid if isinstance(m, TelemetryEnvelope)]
     entries = _entries(envs, rejected)
-    devs = _lock_devices(store, conn, sorted({m.device_id for m in valid}
+    devs = _lock_devices(sql, conn, sorted({m.device_id for m in valid}
                                              | {e.device_id for e in entries}), now)
     # in first-seen order: when a batch holds two new streams of a device, the later one shows
-    _load_streams(store, conn, devs, list(dict.fromkeys((e.device_id, e.stream)
+    _load_streams(sql, conn, devs, list(dict.fromkeys((e.device_id, e.stream)
                                                        for e in entries)), now)
     firsts: dict[tuple[str, str, int], _Entry] = {}
     for m in entries:
         firsts.setdefault(m.key, m)
         devs[m.device_id].streams[m.stream].telemetry = True
-    new = _store_envelopes(store, conn, list(firsts.values()), now, worker) if entries \
+    new = _store_envelopes(sql, conn, list(firsts.values()), now, worker) if entries \
         else set()
     stored_ids = {k: firsts[k].message_id for k in new}
     stored_ids.update(_stored_ids(conn, [k for k in firsts if k not in new]))
@@ -549,7 +442,7 @@ def _write(store: HubStore, conn: Connection, valid: list[BaseMessage],
             log.error("CONFLICT device=%s stream=%s seq=%d message_id=%s but the hub stored "
                       "it as message_id=%s: not stored (two devices sharing one id?)",
                       m.device_id, m.stream, m.seq, m.message_id, stored_ids.get(key))
-    _store_items(store, conn, [env for k in sorted(new)
+    _store_items(sql, conn, [env for k in sorted(new)
                                if (env := firsts[k].envelope) is not None])
     ack_rows: list[dict[str, Any]] = []
     for msg in valid:
@@ -567,7 +460,7 @@ def _write(store: HubStore, conn: Connection, valid: list[BaseMessage],
         counts["conflicts"] += dev.conflicts
         counts["refused"] += dev.refused
     if devs:
-        _update_devices(conn, devs, now)
+        _update_devices(sql, conn, devs, now)
     if ack_rows:
         conn.execute(tables.acks.insert(), ack_rows)
     if conflict_rows:
@@ -584,24 +477,79 @@ def _write(store: HubStore, conn: Connection, valid: list[BaseMessage],
         acks=len(ack_rows), rejections=tuple(rejected), **counts)
 
 
+def _log_batch(worker: str, n: int, result: IngestResult, t0: float) -> None:
+    log.info("ingest worker=%s messages=%d stored=%d duplicates=%d conflicts=%d states=%d "
+             "acks=%d rejected=%d devices=%d ms=%.1f", worker or "-", n, result.stored,
+             result.duplicates, result.conflicts, result.states, result.acks, result.rejected,
+             len(result.receipts), (time.perf_counter() - t0) * 1000)
+
+
+def _log_rejected(rejected: list[Rejection]) -> None:
+    for r in rejected:  # debug: the worker logs rejections with a rate limit (a flood is cheap)
+        log.debug("rejected device=%s topic=%r kind=%s size=%d: %s", r.device_id,
+                  r.topic[:200], r.kind, r.size, r.reason)
+
+
 def ingest(store: HubStore, messages: Sequence[tuple[str, bytes]], *, now: float,
            worker: str = "") -> IngestResult:
     """Validate and store one batch (see the module docstring); HubStoreError only when the
     database fails on every retry (then nothing of the batch is stored: do not ack it)."""
     t0 = time.perf_counter()
     valid, rejected = decode_batch(messages)
-    for r in rejected:  # debug: the worker logs rejections with a rate limit (a flood is cheap)
-        log.debug("rejected device=%s topic=%r kind=%s size=%d: %s", r.device_id,
-                    r.topic[:200], r.kind, r.size, r.reason)
+    _log_rejected(rejected)
     if not valid and not rejected:
         return IngestResult()
-    result = store.run_write(lambda conn: _write(store, conn, valid, rejected, now, worker),
+    result = store.run_write(lambda conn: _write(conn, valid, rejected, now, worker),
                              what=f"ingesting a batch of {len(messages)} message(s)")
-    log.info("ingest worker=%s messages=%d stored=%d duplicates=%d conflicts=%d states=%d "
-             "acks=%d rejected=%d devices=%d ms=%.1f", worker or "-", len(messages),
-             result.stored, result.duplicates, result.conflicts, result.states, result.acks,
-             result.rejected, len(result.receipts), (time.perf_counter() - t0) * 1000)
+    _log_batch(worker, len(messages), result, t0)
     return result
+
+
+class PendingIngest:
+    """A batch written in a transaction that is still open: :meth:`commit` it (from any
+    thread), or :meth:`rollback`. See :func:`begin_ingest`."""
+
+    def __init__(self, transaction: AbstractContextManager[Connection] | None,
+                 result: IngestResult, n: int, worker: str, t0: float) -> None:
+        self._transaction = transaction
+        self.result, self._n, self._worker, self._t0 = result, n, worker, t0
+
+    def commit(self) -> IngestResult:
+        """Commit (the fsync); the database's errors as they come (SQLAlchemy's: nothing of the
+        batch is stored then, and it may be tried again from the start)."""
+        transaction, self._transaction = self._transaction, None
+        if transaction is not None:
+            transaction.__exit__(None, None, None)
+        _log_batch(self._worker, self._n, self.result, self._t0)
+        return self.result
+
+    def rollback(self) -> None:
+        transaction, self._transaction = self._transaction, None
+        if transaction is not None:
+            err = RuntimeError("rolled back")
+            transaction.__exit__(type(err), err, None)
+
+
+def begin_ingest(store: HubStore, messages: Sequence[tuple[str, bytes]], *, now: float,
+                 worker: str = "", decoded: tuple[list[BaseMessage], list[Rejection]]
+                 ) -> PendingIngest:
+    """:func:`ingest` in two steps, for a caller that commits on another thread (the hub
+    worker decodes the next batch while this one's fsync runs): ``decoded`` is
+    :func:`decode_batch` of ``messages``; the batch is written in a write transaction left
+    open, no retries (on an error nothing is written: fall back to :func:`ingest`)."""
+    t0 = time.perf_counter()
+    valid, rejected = decoded
+    _log_rejected(rejected)
+    if not valid and not rejected:
+        return PendingIngest(None, IngestResult(), len(messages), worker, t0)
+    transaction = store.write()
+    conn = transaction.__enter__()
+    try:
+        result = _write(conn, valid, rejected, now, worker)
+    except BaseException:
+        transaction.__exit__(*sys.exc_info())
+        raise
+    return PendingIngest(transaction, result, len(messages), worker, t0)
 
 
 def record_unstorable(store: HubStore, topic: str, payload: bytes, reason: str, *, now: float,
@@ -619,5 +567,5 @@ def record_unstorable(store: HubStore, topic: str, payload: bytes, reason: str, 
     rejection = Rejection(device, str(topic)[:_MAX_TOPIC_CHARS], "unstorable",
                           f"the database refused it on every try: {reason}"[:1000], size, key)
     log.error("UNSTORABLE device=%s topic=%.200r size=%d: %s", device, topic, size, reason)
-    return store.run_write(lambda conn: _write(store, conn, [], [rejection], now, worker),
+    return store.run_write(lambda conn: _write(conn, [], [rejection], now, worker),
                            what="recording an unstorable message")

@@ -228,12 +228,13 @@ def hub_rate(port: int, payloads: Sequence[tuple[str, bytes]], payload_file: Pat
              store_urls: Sequence[str], *, group: str) -> tuple[float, list[int]]:
     """Messages/s stored by one hub worker per store URL (shared subscription), and the split."""
     from cloud_hub.store import HubStore
-    from cloud_hub.worker import HubWorker
+    from cloud_hub.worker import HubWorker, settle_heap
 
     stores = [HubStore(url) for url in store_urls]
     workers = [HubWorker(store, broker_url=f"mqtt://127.0.0.1:{port}", group=group,
                          client_id=f"bench-hub-{group}-{i}")
                for i, store in enumerate(stores)]
+    settle_heap()  # as `edgefleet hub serve` does once it has started up
     try:
         for w in workers:
             w.start()

@@ -55,6 +55,7 @@ import json
 import math
 import re
 import secrets
+import sys
 import uuid
 import zlib
 from collections.abc import Callable, Mapping
@@ -80,8 +81,8 @@ from fleet_protocol.manifest import parse_semver
 __all__ = ["COMPRESS_ABOVE", "MAX_ITEMS", "MESSAGE_TYPES", "PROTOCOL_VERSION", "Ack",
     "BaseMessage", "Command", "EventItem", "Message", "MessageError", "Receipt", "SampleItem",
     "SlotInfo", "Slots", "StateMessage", "TelemetryEnvelope", "UnsignedCommand", "WindowItem",
-    "decode", "decode_for_topic", "encode", "envelope_key", "new_message_id", "new_stream_id",
-    "window_item_from"]
+    "decode", "decode_for_topic", "encode", "encode_receipt", "envelope_key", "new_message_id",
+    "new_stream_id", "window_item_from"]
 
 PROTOCOL_VERSION: Literal[1] = 1
 COMPRESS_ABOVE = 1024
@@ -128,38 +129,63 @@ def _text_ok(s: str, limit: int) -> bool:
     return True
 
 
+#: small key sets of free-form dicts found valid: a fleet's agents write the same few over and
+#: over, and a set lookup costs less than checking each key (cleared when full; bounded in
+#: memory by _GOOD_KEYS_MAX x _GOOD_KEYS_LEN keys of at most MAX_KEY_CHARS)
+_good_keys: set[tuple[str, ...]] = set()
+_GOOD_KEYS_MAX = 1024
+_GOOD_KEYS_LEN = 16
+_INT64_MIN = -INT64_MAX - 1
+
+
+def _keys_ok(keys: tuple[Any, ...]) -> bool:
+    for k in keys:
+        if type(k) is not str or not _text_ok(k, MAX_KEY_CHARS):
+            return False
+    if len(keys) <= _GOOD_KEYS_LEN:
+        if len(_good_keys) >= _GOOD_KEYS_MAX:
+            _good_keys.clear()
+        _good_keys.add(keys)
+    return True
+
+
 def _json_ok(value: Any, max_depth: int, max_values: int) -> bool:
     """The fast path of :func:`_check_json`: True when ``value`` passes, without building the
-    paths an error message needs (the hub validates every window's metrics: ~80 values)."""
+    paths an error message needs (the hub validates every window's metrics: ~80 values).
+    False means "not sure": the caller walks again, value by value, to say what is wrong."""
+    if type(value) is not dict:
+        return False
     count = 1
     stack: list[tuple[Any, int]] = [(value, 1)]
+    pop, push = stack.pop, stack.append
+    isfinite = math.isfinite
     while stack:
-        container, depth = stack.pop()
+        container, depth = pop()
         if depth > max_depth:
             return False
         count += len(container)
         if count > max_values:
             return False
         if type(container) is dict:
-            for k in container:  # ASCII keys of sane length pass at once
-                if type(k) is not str or not _text_ok(k, MAX_KEY_CHARS):
-                    return False
+            keys = tuple(container)
+            if keys not in _good_keys and not _keys_ok(keys):
+                return False
             items = container.values()
         else:
             items = container
         for v in items:
             t = type(v)
-            if t is float:
-                if not math.isfinite(v):
+            if t is int:
+                if not _INT64_MIN <= v <= INT64_MAX:
                     return False
-            elif t is int:
-                if not -INT64_MAX - 1 <= v <= INT64_MAX:
+            elif t is float:
+                if not isfinite(v):
                     return False
             elif t is str:
                 if not _text_ok(v, MAX_TEXT_CHARS):
                     return False
             elif t is dict or t is list:
-                stack.append((v, depth + 1))
+                push((v, depth + 1))
             elif v is not None and t is not bool:
                 return False
     return True
@@ -167,10 +193,15 @@ def _json_ok(value: Any, max_depth: int, max_values: int) -> bool:
 
 def _check_json(value: dict[str, Any], limits: tuple[int, int]) -> dict[str, Any]:
     """Check that ``value`` is a JSON object within (depth, values) ``limits``, iteratively."""
+    if not _json_ok(value, *limits):
+        _explain_json(value, limits)  # something is wrong: say what and where
+    return value
+
+
+def _explain_json(value: Any, limits: tuple[int, int]) -> None:
+    """The walk behind :func:`_check_json`'s refusals: value by value, building paths;
+    ValueError for the first thing wrong (none: :func:`_json_ok` was only unsure)."""
     max_depth, max_values = limits
-    if type(value) is dict and _json_ok(value, max_depth, max_values):
-        return value
-    # something is wrong: walk again, building paths, to say what and where
     stack: list[tuple[Any, str, int]] = [(value, "", 1)]
     count = 1
     while stack:
@@ -201,7 +232,6 @@ def _check_json(value: dict[str, Any], limits: tuple[int, int]) -> dict[str, Any
                 raise ValueError(f"{at}{v} is not a finite number (use null)")
         else:
             raise ValueError(f"{at}{type(v).__name__} {v!r:.40} is not a JSON value")
-    return value
 
 
 def _printable(key: object) -> str:
@@ -251,11 +281,15 @@ def _base64_decoder(limit: int) -> Callable[[Any, ValidationInfo], Any]:
             return value  # Python callers pass bytes; the bytes validator refuses the rest
         if len(value) > 4 * -(-limit // 3):
             raise ValueError(f"base64 text of {len(value)} chars encodes more than {limit} bytes")
-        try:
-            raw = base64.b64decode(value, validate=True)
+        try:  # what base64.b64decode(value, validate=True) does, without its wrapper
+            raw = binascii.a2b_base64(value, strict_mode=True)
         except (binascii.Error, ValueError) as err:
             raise ValueError(f"not valid base64: {err}") from None
-        if base64.b64encode(raw).decode("ascii") != value:
+        # canonical: the strict decode used every character but the final padding, so only
+        # the last 4-character group can spell its bytes another way (non-zero padding bits)
+        n = len(raw)
+        if len(value) != 4 * -(-n // 3) or (
+                n and base64.b64encode(raw[3 * ((n - 1) // 3):]).decode("ascii") != value[-4:]):
             raise ValueError("not canonical base64 (non-zero padding bits)")
         return raw
 
@@ -546,6 +580,34 @@ def encode(msg: BaseMessage) -> bytes:
     return raw
 
 
+_STREAM_ID = re.compile(r"[0-9a-f]{16}")
+_MAX_FLOAT = sys.float_info.max
+
+
+def _plain_device_id(device_id: str) -> bool:
+    try:
+        topics.check_device_id(device_id)  # ASCII letters, digits, "-", "_", ".": no escapes
+    except ProtocolError:
+        return False
+    return True
+
+
+def encode_receipt(device_id: str, stream: str, up_to_seq: int, ts: float) -> bytes:
+    """``encode(Receipt(device_id=..., stream=..., up_to_seq=..., ts=...))``, the same bytes
+    (a test holds them equal), without building and dumping the model: the hub sends one
+    receipt per device and stream of every batch. Values not in their plain valid form (a
+    float ``ts``, an int ``up_to_seq``, a valid device id: none that JSON escapes) take the
+    model's path, with its errors."""
+    if (type(ts) is float and 0.0 <= ts <= _MAX_FLOAT and type(up_to_seq) is int
+            and 0 <= up_to_seq <= INT64_MAX and type(stream) is str
+            and _STREAM_ID.fullmatch(stream) is not None and type(device_id) is str
+            and _plain_device_id(device_id)):
+        return b'{"device_id":"%s","protocol":1,"stream":"%s","ts":%s,"up_to_seq":%d}' % (
+            device_id.encode("ascii"), stream.encode("ascii"), float.__repr__(ts).encode(),
+            up_to_seq)
+    return encode(Receipt(device_id=device_id, stream=stream, up_to_seq=up_to_seq, ts=ts))
+
+
 def decode(data: bytes | bytearray | memoryview, model_type: type[M], *,
            max_bytes: int | None = None, max_json_bytes: int | None = None) -> M:
     """Validate wire bytes as ``model_type``; MessageError naming what is wrong.
@@ -600,13 +662,15 @@ def _inflate(data: bytes, limit: int, name: str) -> bytes:
     return out
 
 
-def decode_for_topic(topic: str, data: bytes | bytearray | memoryview) -> BaseMessage:
+def decode_for_topic(topic: str, data: bytes | bytearray | memoryview, *,
+                     parsed: tuple[str, topics.Kind] | None = None) -> BaseMessage:
     """Decode a payload received on ``topic`` as that topic's model.
 
     Also checks that the message names the device its topic names: broker ACLs guard topics,
-    so a device could otherwise speak for another one inside its own topic.
+    so a device could otherwise speak for another one inside its own topic. ``parsed``:
+    ``topics.parse(topic)``, when the caller has it already (the hub, for every message).
     """
-    device, kind = topics.parse(topic)
+    device, kind = topics.parse(topic) if parsed is None else parsed
     msg = decode(data, MESSAGE_TYPES[kind])
     if msg.device_id != device:
         raise MessageError(f"device_id {msg.device_id!r} differs from the topic's device "

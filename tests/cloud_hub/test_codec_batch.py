@@ -1,4 +1,5 @@
-"""codec.decode_counts_batch (the rollups' decoder) agrees with decode_sketch one by one."""
+"""codec.decode_counts_batch (the rollups' decoder) and the hub's batched sketch check
+(cloud_hub.sketch_check.bad_sketches) agree with decode_sketch one by one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cloud_hub.sketch_check import bad_sketches, check_sketch
 from fleet_protocol import codec
 from fleet_protocol.errors import CodecError
 from fleet_protocol.sketch import FeatureLayout, Sketch, SketchLayout
@@ -51,3 +53,49 @@ def test_batch_decode_names_the_sketch_that_does_not_fit() -> None:
 
     with pytest.raises(CodecError, match="sketch 0 of the batch does not hold exactly 51"):
         codec.decode_counts_batch([body(47), body(49)], LAYOUT.fingerprint(), *DIMS)
+
+
+def _mutated(data: bytes, rng: np.random.Generator) -> bytes:
+    """``data`` with one small damage: a byte changed, cut, added, or a varint spelt overlong
+    (never shorter than a header: the message model refuses those before any sketch check)."""
+    if len(data) <= codec.HEADER_BYTES + 1:
+        return data
+    pos = int(rng.integers(codec.HEADER_BYTES, len(data)))
+    how = int(rng.integers(0, 5))
+    if how == 0:  # anywhere, the header too
+        pos = int(rng.integers(0, len(data)))
+        return data[:pos] + bytes([int(rng.integers(0, 256))]) + data[pos + 1:]
+    if how == 1:
+        return data[:pos]
+    if how == 2:
+        return data[:pos] + bytes([int(rng.integers(0, 256))]) + data[pos:]
+    if how == 3:  # a count's terminal byte made a continuation byte, then a zero terminal
+        return data[:pos] + bytes([data[pos] | 0x80, 0]) + data[pos + 1:]
+    return data[:pos] + data[pos + 1:]
+
+
+@settings(max_examples=100, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 30), damaged=st.integers(0, 4),
+       rows=st.sampled_from([0, 5, 300, 100_000]))
+def test_bad_sketches_agree_with_check_sketch_one_by_one(seed: int, n: int, damaged: int,
+                                                         rows: int) -> None:
+    """The batched sketch check refuses exactly the sketches the single decode refuses, with
+    its reason, whatever the damage (cut, padded, changed, overlong varints, other lengths)."""
+    rng = np.random.default_rng(seed)
+    layouts = [LAYOUT, fleet.TOY_IN, fleet.TOY_OUT]
+    batch: list[tuple[bytes, str]] = []
+    for _ in range(n):
+        lay = layouts[int(rng.integers(0, len(layouts)))]
+        batch.append((fleet.sketch(lay, rng, int(rng.integers(0, rows + 1)),
+                                   missing=int(rng.integers(0, 3))).to_bytes(),
+                      lay.fingerprint()))
+    for _ in range(damaged):
+        i = int(rng.integers(0, n))
+        batch[i] = (_mutated(batch[i][0], rng), batch[i][1])
+    expected: dict[int, str] = {}
+    for i, (data, fingerprint) in enumerate(batch):
+        try:
+            check_sketch(data, fingerprint)
+        except CodecError as err:
+            expected[i] = str(err)
+    assert bad_sketches(batch) == expected

@@ -367,6 +367,55 @@ def test_store_recovering_mid_stream_loses_nothing(mosquitto: MosquittoProcess, 
         assert worker.stats()["store_errors"] >= 2
 
 
+class FlakyCommitStore:
+    """The real store, except that the first ``failures`` commits of batches written ahead
+    fail (and roll back), as a commit the database refuses (disk full, I/O error) does."""
+
+    def __init__(self, store: HubStore, failures: int) -> None:
+        self.store = store
+        self.failures = failures
+        self.ingests = 0
+
+    def decode(self, messages: Any) -> Any:
+        return self.store.decode(messages)
+
+    def begin_ingest(self, messages: Any, **kw: Any) -> Any:
+        pending = self.store.begin_ingest(messages, **kw)
+        if self.failures <= 0:
+            return pending
+        self.failures -= 1
+
+        class Refused:
+            def commit(self) -> Any:
+                pending.rollback()
+                raise sa.exc.OperationalError("COMMIT", {}, Exception("disk I/O error (test)"))
+
+        return Refused()
+
+    def ingest(self, messages: Any, **kw: Any) -> Any:
+        self.ingests += 1
+        return self.store.ingest(messages, **kw)
+
+
+def test_a_failed_commit_acks_nothing_and_the_batch_is_stored_on_the_plain_path(
+        mosquitto: MosquittoProcess, tmp_path: Path, workers: list[HubWorker],
+        fleet_factory: Callable[..., FleetSim]) -> None:
+    """A batch whose commit fails (written ahead, committed on the commit thread) is neither
+    receipted nor acked then; it is stored again through the plain path (with its retries),
+    exactly once, and its receipts follow."""
+    with HubStore(path=tmp_path / "hub.db") as store:
+        flaky = FlakyCommitStore(store, failures=1)
+        start_worker(workers, flaky, mosquitto.url, batch_wait=0.2)
+        fleet = fleet_factory(mosquitto.url, ["pi-1", "pi-2"])
+        fleet.publish_range(range(1, 11))
+        wait_for(lambda: fleet.all_receipted(10), 30, "receipts up to 10")
+        assert flaky.failures == 0 and flaky.ingests == 1  # the failed batch, stored again
+        fleet.publish_range(range(11, 21))  # written ahead again
+        wait_for(lambda: fleet.all_receipted(20), 30, "receipts up to 20")
+        assert flaky.ingests == 1 and fleet.resends == 0
+        assert_exactly_once(store, ["pi-1", "pi-2"], 20)
+
+
 def test_broker_killed_and_restarted_worker_reconnects(mosquitto: MosquittoProcess,
                                                        tmp_path: Path, workers: list[HubWorker],
                                                        fleet_factory: Callable[..., FleetSim]

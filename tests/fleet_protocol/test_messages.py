@@ -651,3 +651,83 @@ def test_envelope_key_reads_a_refused_envelope_loosely() -> None:
                 json.dumps({**data, "seq": True}).encode(),
                 json.dumps({**data, "stream": "XYZ"}).encode()):
         assert m.envelope_key(bad) is None
+
+
+@settings(max_examples=500)
+@given(receipts)
+def test_receipt_fast_path_writes_the_models_bytes(receipt: m.Receipt) -> None:
+    """encode_receipt (the hub's per-batch path) writes exactly what encode(Receipt) writes."""
+    assert m.encode_receipt(receipt.device_id, receipt.stream, receipt.up_to_seq,
+                            receipt.ts) == m.encode(receipt)
+
+
+@pytest.mark.parametrize(("args", "ok"), [
+    (("pi-1", "00112233aabbccdd", 3, 5), True),  # an int ts: the model makes it a float
+    (("pi-1", "00112233aabbccdd", True, 5.0), True),
+    (("pi-1", "00112233aabbccdd", 3, -0.0), True),
+    (("pi-1", "00112233aabbccdd", 3, float("inf")), False),
+    (("pi-1", "00112233aabbccdd", -1, 5.0), False),
+    (("pi/1", "00112233aabbccdd", 3, 5.0), False),
+    (("pi-1", "00112233AABBCCDD", 3, 5.0), False),
+])
+def test_receipt_fast_path_leaves_the_rest_to_the_model(args: tuple[Any, ...],
+                                                        ok: bool) -> None:
+    """Values off the fast path get the model's answer: its bytes, or its refusal."""
+    device_id, stream, up_to_seq, ts = args
+    if ok:
+        assert m.encode_receipt(*args) == m.encode(m.Receipt(
+            device_id=device_id, stream=stream, up_to_seq=up_to_seq, ts=ts))
+    else:
+        with pytest.raises(ValueError):
+            m.encode_receipt(*args)
+
+
+any_keys = st.text(st.characters(), max_size=5) | st.integers() | st.just("k" * 257)
+edge_values = (st.none() | st.booleans() | st.integers() | st.floats()
+               | st.text(st.characters(), max_size=4) | st.just("x" * 1025) | st.just("a\x00")
+               | st.tuples(st.integers()) | st.sampled_from([2**63 - 1, 2**63, -(2**63),
+                                                             -(2**63) - 1]))
+nested_values = st.recursive(edge_values, lambda inner: st.lists(inner, max_size=4)
+                             | st.dictionaries(any_keys, inner, max_size=4), max_leaves=40)
+
+
+@settings(max_examples=500)
+@given(st.dictionaries(any_keys, nested_values, max_size=5), st.integers(1, 6),
+       st.integers(1, 40))
+def test_free_form_fast_check_agrees_with_the_explaining_walk(value: dict[Any, Any],
+                                                              depth: int, values: int) -> None:
+    """The fast check of metrics/detail/args (key sets cached, one pass) passes exactly what
+    the value-by-value walk that writes the error messages passes."""
+    try:
+        m._explain_json(value, (depth, values))
+        explained_ok = True
+    except ValueError:
+        explained_ok = False
+    assert m._json_ok(value, depth, values) == explained_ok
+
+
+_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+base64_texts = st.text(_B64 + "-_ é", max_size=16) | st.binary(max_size=12).map(
+    lambda b: base64.b64encode(b).decode()).flatmap(lambda s: st.integers(0, len(s)).flatmap(
+        lambda i: st.sampled_from(_B64).map(lambda c: s[:i] + c + s[i + 1:])))
+
+
+@settings(max_examples=1000)
+@given(base64_texts)
+def test_sketch_base64_fast_check_agrees_with_decode_and_reencode(text: str) -> None:
+    """The JSON sketch decoder (strict decode, canonical check on the last group only) takes
+    exactly the texts that base64.b64decode(validate=True) takes and re-encodes unchanged."""
+
+    class JsonMode:
+        mode = "json"
+
+    try:
+        raw = base64.b64decode(text, validate=True)
+        expected: bytes | None = raw if base64.b64encode(raw).decode() == text else None
+    except ValueError:  # binascii.Error is one
+        expected = None
+    try:
+        got: bytes | None = m._base64_decoder(1000)(text, JsonMode())
+    except ValueError:
+        got = None
+    assert got == expected
