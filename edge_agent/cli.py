@@ -9,6 +9,7 @@ dir: numba picks its cache folder when a kernel module is imported.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -78,6 +79,11 @@ def run_command(config_path: Path | None) -> None:
                 "nothing to serve: " + ("; ".join(instance.refusals) or "no bundle configured "
                                         "and none installed (set `bundle` in the config)"))
         blue = instance.serving()
+        # The daemon's start-up heap (onnxruntime, numpy, pydantic, the loaded bundle) lives
+        # as long as the process: frozen, the cyclic collector stops walking it again on each
+        # full collection (sustained 1024-row batches: ~5% of the serving thread's CPU)
+        gc.collect()
+        gc.freeze()
         click.echo(f"serving {blue.name} {blue.version} (device {config.device_id}, data "
                    f"{config.data_dir})", err=True)
         if instance.sync is not None:
