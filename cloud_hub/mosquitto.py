@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from cloud_hub.worker import MAX_PACKET_SIZE
+
 __all__ = ["BrokerError", "MosquittoProcess", "adapt_conf", "find_mosquitto", "free_port",
            "wait_listening"]
 
@@ -75,6 +77,9 @@ class MosquittoProcess:
     ``extra_conf`` lines are appended to the generated config (ACL files, password files,
     ``max_queued_messages``...). ``allow_anonymous`` defaults to True because a private
     loopback broker for a test or the demo has no users; the production config refuses them.
+    ``max_packet_size`` (bytes; None: no limit) is the broker's bound on any packet a client
+    sends, as in the production config: by default the hub's own limit
+    (:data:`cloud_hub.worker.MAX_PACKET_SIZE`), so a client sending more is disconnected.
 
     ``conf`` replaces the generated config with a whole one (``extra_conf`` still appended), for
     running a real config file such as devices/mosquitto/mosquitto.conf; it must listen on
@@ -85,7 +90,8 @@ class MosquittoProcess:
     def __init__(self, workdir: str | Path, *, port: int | None = None,
                  persistence: bool = True, allow_anonymous: bool = True,
                  extra_conf: str = "", host: str = "127.0.0.1",
-                 conf: str | None = None) -> None:
+                 conf: str | None = None,
+                 max_packet_size: int | None = MAX_PACKET_SIZE) -> None:
         self.binary = find_mosquitto()
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +100,7 @@ class MosquittoProcess:
         self.persistence = persistence
         self.allow_anonymous = allow_anonymous
         self.extra_conf = extra_conf
+        self.max_packet_size = max_packet_size
         self.conf = conf
         self.conf_path = self.workdir / "mosquitto.conf"
         self.log_path = self.workdir / "mosquitto.log"
@@ -113,6 +120,9 @@ class MosquittoProcess:
             # a test may queue a long offline backlog for a persistent session
             "max_queued_messages 100000",
             "max_inflight_messages 100",
+            # whole packets, as devices/mosquitto/mosquitto.conf bounds them (no
+            # message_size_limit here: tests send the hub oversized payloads on purpose)
+            *([f"max_packet_size {self.max_packet_size}"] if self.max_packet_size else []),
             "log_dest stderr",
             "log_type error",
             "log_type warning",

@@ -11,20 +11,32 @@ PUBACKs and receipts with one ``sendall``.
 What it does, and only that (the hub's needs; ``cloud_hub.worker`` says why each one):
 
 - CONNECT with a client id, username/password, keepalive, TLS; MQTT 5 with clean start off, a
-  session expiry and a Receive Maximum, or 3.1.1 with clean session off; the broker's Server
-  Keep Alive replaces ours when it sends one (MQTT 5 §3.2.2.3.14). :meth:`HubMqttClient.probe`
-  asks with a bare MQTT 5 CONNECT whether the broker speaks MQTT 5 (amqtt answers a CONNECT
-  carrying properties with nothing at all, and a bare one with "unsupported protocol version").
+  session expiry, a Receive Maximum and a Maximum Packet Size, or 3.1.1 with clean session
+  off; the broker's Server Keep Alive replaces ours when it sends one (MQTT 5 §3.2.2.3.14),
+  and a Receive Maximum of 0 in its CONNACK is a protocol error (§3.2.2.3.3).
+  :meth:`HubMqttClient.probe` asks with a bare MQTT 5 CONNECT whether the broker speaks MQTT 5
+  (amqtt answers a CONNECT carrying properties with nothing at all, and a bare one with
+  "unsupported protocol version").
 - SUBSCRIBE and UNSUBSCRIBE (QoS 1), their SUBACK and UNSUBACK.
 - Incoming PUBLISH at QoS 0 and 1, handed over as ``(packet id, qos, topic, payload)`` and
   acknowledged only when the caller says so (:meth:`HubMqttClient.ack`). QoS 2 is a protocol
   error: the hub subscribes at QoS 1, so no broker sends one. No topic aliases (we announce a
   Topic Alias Maximum of 0, the default).
+- Nothing larger than ``max_packet_size`` is buffered, whatever the broker declares: an MQTT 5
+  broker is told the limit and drops such a message itself (§3.1.2.11.4); one that sends it
+  anyway, and any 3.1.1 broker (which cannot be told), has its PUBLISH skipped: its bytes are
+  discarded as they arrive, and it is acknowledged once skipped (it can never be delivered,
+  and unacknowledged it would hold a slot of the in-flight window forever) and reported as an
+  ``("oversized", ...)`` event. Any other packet over the limit, a CONNACK included, is a
+  protocol error.
 - Outgoing PUBLISH at QoS 1 (receipts): at most ``max_inflight`` unacknowledged (the broker's
   Receive Maximum if lower), the rest queued; all of them kept until their PUBACK, across
-  connections, and sent again (DUP) after the next CONNACK.
+  connections, and sent again (DUP) after the next CONNACK. A PUBACK with a failure reason
+  (MQTT 5, >= 0x80: the broker's ACL refused it, say) ends the message too, and is reported as
+  a ``("refused", ...)`` event.
 - PINGREQ when nothing was sent for a keepalive; the connection is declared lost when the
-  PINGRESP does not come within another keepalive.
+  PINGRESP does not come within another keepalive of reading (while the caller does not read,
+  the answer may be waiting unread: see :meth:`HubMqttClient.tick`).
 - DISCONNECT, MQTT 5 with a session expiry of 0 when the session should end.
 
 Not thread-safe: one thread (the worker's network thread) owns a client. Errors of the socket,
@@ -45,9 +57,15 @@ from typing import Any
 
 from cloud_hub.errors import MqttConnectionError
 
-__all__ = ["ConnAck", "HubMqttClient", "Received", "tls_context"]
+__all__ = ["DEFAULT_MAX_PACKET_SIZE", "MQTT_MAX_PACKET_SIZE", "ConnAck", "HubMqttClient",
+           "Received", "tls_context"]
 
 _READ_BYTES = 256 * 1024
+#: the largest packet MQTT can express: remaining length 268,435,455 and its 5 header bytes
+MQTT_MAX_PACKET_SIZE = 268_435_460
+#: the largest packet a client takes unless told otherwise (the hub worker passes its own
+#: limit, cloud_hub.worker.MAX_PACKET_SIZE)
+DEFAULT_MAX_PACKET_SIZE = 1024 * 1024
 #: CONNACK codes that mean "not MQTT 5 here": 3.1.1's "unacceptable protocol version" (what a
 #: 3.1.1 broker answers) and MQTT 5's "unsupported protocol version"
 _NOT_V5 = (0x01, 0x84)
@@ -60,6 +78,12 @@ _CONNACK_NAMES = {
     0x89: "server busy", 0x8A: "banned", 0x8C: "bad authentication method",
     0x8E: "session taken over", 0x95: "packet too large", 0x97: "quota exceeded",
     0x9F: "connection rate exceeded",
+}
+#: MQTT 5 PUBACK failure reasons (§3.4.2.1)
+_PUBACK_NAMES = {
+    0x80: "unspecified error", 0x83: "implementation specific error", 0x87: "not authorized",
+    0x90: "topic name invalid", 0x91: "packet identifier in use", 0x97: "quota exceeded",
+    0x99: "payload format invalid",
 }
 # MQTT 5 property identifiers by value type (MQTT 5 §2.2.2.2)
 _PROP_BYTE = frozenset({0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A})
@@ -187,7 +211,11 @@ class HubMqttClient:
                  username: str | None = None, password: str | None = None,
                  tls: ssl.SSLContext | None = None, session_expiry: int = 0,
                  receive_maximum: int = 65535, max_inflight: int = 100,
+                 max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
                  connect_timeout: float = 10.0) -> None:
+        if not 64 <= max_packet_size <= MQTT_MAX_PACKET_SIZE:
+            raise ValueError(f"max_packet_size {max_packet_size} is not between 64 and "
+                             f"{MQTT_MAX_PACKET_SIZE} bytes")
         self.host, self.port = host, port
         self.client_id = client_id
         self.v5 = v5
@@ -196,6 +224,7 @@ class HubMqttClient:
         self.tls = tls
         self.session_expiry, self.receive_maximum = session_expiry, receive_maximum
         self.max_inflight = max_inflight
+        self.max_packet_size = max_packet_size
         self.connect_timeout = connect_timeout
         self._sock: socket.socket | None = None
         self._buf = bytearray()
@@ -206,10 +235,16 @@ class HubMqttClient:
         self._inflight_cap = max_inflight
         self._out: list[bytes] = []
         self._ids_in_use: set[int] = set()  # SUBSCRIBE / UNSUBSCRIBE waiting for their answer
-        self._ping_sent_at: float | None = None
+        #: when the wait for a PINGRESP started: the PINGREQ went out, or the caller last
+        #: did not read the socket (see tick); None when no PINGREQ is unanswered
+        self._pong_wait_from: float | None = None
         self._last_sent = 0.0
         self._keepalive_now = keepalive
         self._unparsed = False  # bytes that came with the CONNACK, not parsed yet
+        #: an oversized PUBLISH being skipped: its bytes still to discard, and (packet id,
+        #: qos, topic, packet size) to acknowledge and report once they are
+        self._skip = 0
+        self._skipping: tuple[int, int, str, int] | None = None
 
     # --- connection ---------------------------------------------------------------------
 
@@ -243,7 +278,8 @@ class HubMqttClient:
             props = b""
             if properties:
                 props = (b"\x11" + struct.pack(">I", self.session_expiry)
-                         + b"\x21" + struct.pack(">H", self.receive_maximum))
+                         + b"\x21" + struct.pack(">H", self.receive_maximum)
+                         + b"\x27" + struct.pack(">I", self.max_packet_size))
             body += _varint(len(props)) + props
         return _packet(0x10, body + payload)
 
@@ -254,8 +290,17 @@ class HubMqttClient:
             sock.sendall(packet)
             buf = bytearray()
             while True:
+                if buf and buf[0] != 0x20:
+                    raise MqttConnectionError(f"broker {self.host}:{self.port} answered "
+                                              f"CONNECT with packet type 0x{buf[0]:02X}")
                 if len(buf) >= 2:
                     length, start = _read_varint(buf + b"\x00\x00\x00", 1)
+                    if start + length > self.max_packet_size:  # never buffered
+                        raise MqttConnectionError(
+                            f"broker {self.host}:{self.port} answered CONNECT with a CONNACK "
+                            f"of {start + length} bytes, larger than the maximum packet size "
+                            f"of {self.max_packet_size} bytes (a CONNACK is a few bytes: is "
+                            "it an MQTT broker?)")
                     if len(buf) >= start + length:
                         break
                 data = sock.recv(_READ_BYTES)
@@ -263,9 +308,10 @@ class HubMqttClient:
                     raise MqttConnectionError(f"broker {self.host}:{self.port} closed the "
                                               "connection before its CONNACK")
                 buf += data
-            if buf[0] != 0x20 or length < 2:
+            if length < 2:
                 raise MqttConnectionError(f"broker {self.host}:{self.port} answered CONNECT "
-                                          f"with packet type 0x{buf[0]:02X}")
+                                          f"with a CONNACK of {length} bytes (2 or more "
+                                          "expected)")
             body = bytes(buf[start:start + length])
             props: dict[int, Any] = {}
             if v5 and length > 2 and body[1] not in _NOT_V5:
@@ -305,14 +351,20 @@ class HubMqttClient:
         if not ack.ok:
             sock.close()
             return ack
+        receive_maximum = ack.properties.get(0x21, 65535)
+        if receive_maximum == 0:  # MQTT 5 §3.2.2.3.3; as a cap it would stop every receipt
+            sock.close()
+            raise MqttConnectionError(f"broker {self.host}:{self.port} sent a Receive Maximum "
+                                      "of 0 in its CONNACK, which MQTT 5 forbids (a protocol "
+                                      "error; 1 to 65535 expected)")
         sock.settimeout(max(5.0, float(self.keepalive)))
         self._sock = sock
         self._unparsed = bool(self._buf)
         self._ids_in_use.clear()
-        self._ping_sent_at = None
+        self._pong_wait_from = None
         self._last_sent = time.monotonic()
         self._keepalive_now = ack.properties.get(0x13, self.keepalive)
-        self._inflight_cap = min(self.max_inflight, ack.properties.get(0x21, 65535))
+        self._inflight_cap = min(self.max_inflight, receive_maximum)
         # in the order first sent (all of them, even past a lower Receive Maximum of this
         # broker: they were in flight already)
         self._out = [_dup(p) for p in self._inflight.values()]
@@ -322,6 +374,7 @@ class HubMqttClient:
     def close(self) -> None:
         sock, self._sock = self._sock, None
         self._out = []
+        self._skip, self._skipping = 0, None  # a new connection starts at a packet boundary
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.close()
@@ -361,7 +414,10 @@ class HubMqttClient:
         """One ``recv`` of up to 256 KiB (call it when :meth:`wait` says the socket is
         readable), then every complete packet parsed: (incoming PUBLISHes, control events).
         Events: ``("suback", id, [reason codes])``, ``("unsuback", id)``, ``("disconnect",
-        reason code, reason text)``. The broker's PUBACKs and PINGRESPs are handled here."""
+        reason code, reason text)``, ``("oversized", topic, qos, packet size)`` (a PUBLISH over
+        ``max_packet_size``, skipped and already acknowledged), ``("refused", topic, reason
+        code, reason text)`` (a PUBACK with a failure reason for one of our messages). The
+        broker's PUBACKs and PINGRESPs are handled here."""
         sock = self._sock
         if sock is None:
             raise MqttConnectionError("not connected")
@@ -391,10 +447,17 @@ class HubMqttClient:
 
     def _parse(self) -> tuple[list[Received], list[tuple[Any, ...]]]:
         buf = self._buf
-        n = len(buf)
-        pos = 0
         received: list[Received] = []
         events: list[tuple[Any, ...]] = []
+        if self._skip:  # the rest of an oversized PUBLISH: discarded as it arrives
+            drop = min(self._skip, len(buf))
+            del buf[:drop]
+            self._skip -= drop
+            if self._skip:
+                return received, events
+            self._end_skip(events)
+        n = len(buf)
+        pos = 0
         v5 = self.v5
         view = memoryview(buf)  # slices of it copy once (a bytearray slice copies twice)
         try:
@@ -408,8 +471,9 @@ class HubMqttClient:
     def _parse_into(self, buf: bytearray, view: memoryview, n: int, received: list[Received],
                     events: list[tuple[Any, ...]], v5: bool) -> int:
         """Parse the complete packets of ``buf`` into ``received`` and ``events``; the
-        position after the last one."""
+        position after the last one (``n`` when an oversized PUBLISH is being skipped)."""
         pos = 0
+        limit = self.max_packet_size
         while n - pos >= 2:
             first = buf[pos]
             i = pos + 1
@@ -430,6 +494,16 @@ class HubMqttClient:
                     break
             start = i + 1
             end = start + length
+            if end - pos > limit:  # never buffered: see the module docstring
+                if first >> 4 != 3:
+                    raise MqttConnectionError(
+                        f"the broker sent a packet of type {first >> 4} of {end - pos} bytes, "
+                        f"larger than the maximum packet size of {limit} bytes")
+                after = self._begin_skip(buf, view, pos, start, end, n, events)
+                if after is None:
+                    break  # its topic and packet id are not all here yet
+                pos = after
+                continue
             if end > n:
                 break
             kind = first >> 4
@@ -464,12 +538,56 @@ class HubMqttClient:
             pos = end
         return pos
 
+    def _begin_skip(self, buf: bytearray, view: memoryview, pos: int, start: int, end: int,
+                    n: int, events: list[tuple[Any, ...]]) -> int | None:
+        """An oversized PUBLISH at ``pos`` (its body from ``start`` to ``end``, past ``n``
+        mostly): None until its topic and packet id are in ``buf`` (at most 65,541 bytes of
+        it); then where parsing goes on: ``end`` when all of it is here already, else ``n``,
+        and the rest is discarded as it arrives (:meth:`_parse`)."""
+        first = buf[pos]
+        qos = (first >> 1) & 3
+        if qos > 1:
+            raise MqttConnectionError("the broker sent a QoS 2 message to a QoS 1 subscription")
+        if n - start < 2:
+            return None
+        j = start + 2 + ((buf[start] << 8) | buf[start + 1])
+        if j + 2 * qos > min(n, end):
+            if j + 2 * qos > end:
+                raise MqttConnectionError("malformed PUBLISH from the broker (topic past the "
+                                          "packet)")
+            return None
+        topic = str(view[start + 2:j], "utf-8", "replace")  # for the log only
+        mid = (buf[j] << 8) | buf[j + 1] if qos else 0
+        self._skipping = (mid, qos, topic, end - pos)
+        if end <= n:
+            self._end_skip(events)
+            return end
+        self._skip = end - n
+        return n
+
+    def _end_skip(self, events: list[tuple[Any, ...]]) -> None:
+        """The last byte of an oversized PUBLISH is discarded: acknowledge it (QoS 1; ahead
+        of the caller's acks of earlier messages, which brokers take in any order) and report
+        it."""
+        skipped, self._skipping = self._skipping, None
+        if skipped is None:
+            return
+        mid, qos, topic, size = skipped
+        if qos:
+            self._out.append(struct.pack(">HH", _PUBACK_HEAD, mid))
+        events.append(("oversized", topic, qos, size))
+
     def _control(self, kind: int, body: bytes, events: list[tuple[Any, ...]]) -> None:
         if kind == 4:  # PUBACK of one of our receipts (any reason: it is done with)
-            self._inflight.pop(int.from_bytes(body[:2], "big"), None)
+            packet = self._inflight.pop(int.from_bytes(body[:2], "big"), None)
+            if self.v5 and len(body) > 2 and body[2] >= 0x80 and packet is not None:
+                props = _properties(body, 3)[0] if len(body) > 3 else {}
+                text = props.get(0x1F, b"").decode("utf-8", "replace")
+                events.append(("refused", _publish_topic(packet), body[2],
+                               text or _PUBACK_NAMES.get(body[2], "")))
             self._fill_inflight()
         elif kind == 13:  # PINGRESP
-            self._ping_sent_at = None
+            self._pong_wait_from = None
         elif kind == 9:  # SUBACK
             mid = int.from_bytes(body[:2], "big")
             pos = _properties(body, 2)[1] if self.v5 else 2
@@ -554,25 +672,41 @@ class HubMqttClient:
                                       f"sending: {err}") from err
         self._last_sent = time.monotonic()
 
-    def tick(self, now: float) -> float:
+    def tick(self, now: float, *, reading: bool = True) -> float:
         """Keepalive: a PINGREQ when nothing was sent for a keepalive, MqttConnectionError
         when the last one was not answered within a keepalive. The seconds until the next
-        check is due."""
+        check is due.
+
+        ``reading`` False: the caller is not reading the socket now (back-pressure), so the
+        PINGRESP may be waiting unread behind the messages the broker sent first. Pings still
+        go out (the broker drops a client that says nothing for 1.5 keepalives), and the wait
+        for their answer starts again when the caller reads: a broker that is really gone
+        shows when a send fails, or a keepalive after reading resumes."""
         keepalive = self._keepalive_now
         if not keepalive:
             return 1.0
-        if self._ping_sent_at is not None and now - self._ping_sent_at >= keepalive:
-            raise MqttConnectionError(f"broker {self.host}:{self.port} did not answer a ping "
-                                      f"within {keepalive} s")
+        if self._pong_wait_from is not None:
+            if not reading:
+                self._pong_wait_from = now
+            elif now - self._pong_wait_from >= keepalive:
+                raise MqttConnectionError(f"broker {self.host}:{self.port} did not answer a "
+                                          f"ping within {keepalive} s")
         if now - self._last_sent >= keepalive:
             self._out.append(_PINGREQ)
-            if self._ping_sent_at is None:
-                self._ping_sent_at = now
+            if self._pong_wait_from is None:
+                self._pong_wait_from = now
             self.flush()
         due = self._last_sent + keepalive - now
-        if self._ping_sent_at is not None:
-            due = min(due, self._ping_sent_at + keepalive - now)
+        if self._pong_wait_from is not None:
+            due = min(due, self._pong_wait_from + keepalive - now)
         return max(0.01, due)
+
+
+def _publish_topic(packet: bytes) -> str:
+    """The topic of a PUBLISH packet we built."""
+    _, pos = _read_varint(packet, 1)
+    n = int.from_bytes(packet[pos:pos + 2], "big")
+    return packet[pos + 2:pos + 2 + n].decode("utf-8", "replace")
 
 
 def _dup(packet: bytes) -> bytes:

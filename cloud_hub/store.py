@@ -33,6 +33,7 @@ import logging
 import os
 import random
 import re
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -94,6 +95,9 @@ SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 10.0
 #: page size of a new SQLite database (see _sqlite_engine)
 SQLITE_PAGE_SIZE = 16384
+#: the oldest SQLite the hub's SQL runs on: cloud_hub.ingest_sql uses UPDATE ... FROM (3.33)
+#: and INSERT ... RETURNING (3.35)
+MIN_SQLITE_VERSION = (3, 35, 0)
 #: a batch is retried this many times on a transient database error before HubStoreError
 WRITE_ATTEMPTS = 5
 _ADVISORY_LOCK = 0x0EDF1EE7  # serialises create_all across hub workers on PostgreSQL
@@ -474,6 +478,7 @@ class HubStore:
         self.dialect = "postgresql" if self.url.startswith("postgresql") else "sqlite"
         if self.dialect == "sqlite":
             db_path = Path(self.url[len("sqlite:///"):])
+            _check_sqlite_version(db_path)
             try:
                 db_path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as err:
@@ -804,6 +809,18 @@ def _device_record(r: Any) -> DeviceRecord:
 def _short(err: BaseException, limit: int = 300) -> str:
     text = " ".join(str(getattr(err, "orig", None) or err).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_sqlite_version(db_path: Path) -> None:
+    """HubStoreError naming the SQLite library found and the one needed, before anything is
+    written with it (its SQL errors would come only with the first batch ingested)."""
+    if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+        needed = ".".join(map(str, MIN_SQLITE_VERSION))
+        raise HubStoreError(
+            f"hub database {db_path}: this Python's SQLite library is version "
+            f"{sqlite3.sqlite_version}, and the hub needs {needed} or newer (UPDATE ... FROM, "
+            "INSERT ... RETURNING); use a Python built with a newer SQLite (Debian 12, Ubuntu "
+            "22.04 and later have one) or PostgreSQL (--db postgresql://...)")
 
 
 def _sqlite_engine(url: str, busy_timeout: float) -> Engine:

@@ -47,22 +47,34 @@ Delivery (DESIGN, "Delivery and durability"), and why each choice:
   nobody reads (with no other worker, the devices resend what came meanwhile). After a crash
   the share waits at most the session expiry; meanwhile the devices' resends of it are split
   again among the group, so its gaps fill over a few resend rounds.
-- **Bounded queue, bounded in flight.** MQTT 5's Receive Maximum (``inflight``) caps how many
-  unacknowledged messages the broker sends, and the inbox holds at least that many, so the
-  network thread never waits. With 3.1.1 the broker's own limit applies (Mosquitto's
-  ``max_inflight_messages``); if the inbox ever fills, the network thread waits, which stops
-  reading from the socket (back-pressure) rather than dropping a message.
+- **Bounded queue, bounded in flight, bounded packets.** MQTT 5's Receive Maximum
+  (``inflight``) caps how many unacknowledged messages the broker sends, and the inbox holds at
+  least that many, so the network thread never waits. With 3.1.1 the broker's own limit
+  applies (Mosquitto's ``max_inflight_messages``); if the inbox ever fills, the network thread
+  waits, which stops reading from the socket (back-pressure) rather than dropping a message;
+  meanwhile it keeps pinging, and does not take the unread PINGRESP for a dead broker. No
+  packet over :data:`MAX_PACKET_SIZE` (the largest message the hub accepts, plus MQTT's own
+  bytes) is ever buffered: MQTT 5 tells the broker, which then drops such a message itself;
+  one that comes anyway is skipped unread, acknowledged, and counted and logged as rejected
+  ("oversized").
 - **Receipts survive a lost connection**: the client keeps each until the broker acknowledges
   it and sends it again after the next CONNACK.
 - **Acks of an earlier connection are not sent** on a later one: packet ids restart with a lost
   session, so a stale ack could acknowledge a message that is not stored. The broker redelivers
   those messages instead.
+- **Subscribed at QoS 1 or not at all.** A SUBACK that grants anything but QoS 1 for every
+  filter (a refusal, or QoS 0, with which ack after commit would silently stop applying) is a
+  failed subscription: logged naming the filter, and the worker reconnects.
 - **Reconnect** with exponential backoff and jitter (each wait uniform in [d/2, d]), so workers
-  restarted together do not reconnect in step.
+  restarted together do not reconnect in step; the backoff starts again from the bottom only
+  after a connection that subscribed.
 
 A message the store rejects (malformed, oversized, wrong version, foreign topic) is counted and
 logged with its device id, at most ``log_burst`` lines at once and one per ``log_every`` seconds
-after that (a flood cannot fill the disk; the counters keep the exact numbers).
+after that (a flood cannot fill the disk; the counters keep the exact numbers). A receipt the
+broker refuses (an MQTT 5 PUBACK with a failure reason: its ACL, say) and one that cannot be
+encoded are counted (``receipts_refused``, ``receipt_errors``) and logged at a bounded rate too;
+the device resends what no receipt names, so only the receipt is lost.
 """
 
 from __future__ import annotations
@@ -89,8 +101,8 @@ from fleet_protocol import messages, topics
 if TYPE_CHECKING:
     from cloud_hub.ingest import IngestResult
 
-__all__ = ["STAT_KEYS", "BrokerAddress", "HubWorker", "IngestingStore", "default_client_id",
-           "parse_broker_url", "settle_heap"]
+__all__ = ["MAX_PACKET_SIZE", "STAT_KEYS", "BrokerAddress", "HubWorker", "IngestingStore",
+           "default_client_id", "parse_broker_url", "settle_heap"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +114,15 @@ _SESSION_TAKEN_OVER = 142
 #: long enough to ride out a restart; short, because Mosquitto keeps routing a shared
 #: subscription's share to a member that crashed, until its session expires
 DEFAULT_SESSION_EXPIRY = 3600
+#: MQTT's own bytes around the largest message: the fixed header (5), a device's topic (2 + at
+#: most 151: edgefleet/v1/<128 characters>/telemetry), the packet id (2), and the MQTT 5
+#: properties a publisher may attach and the broker forwards (the agent attaches none)
+PACKET_OVERHEAD = 4096
+#: the largest MQTT packet the hub takes (announced to an MQTT 5 broker as its Maximum Packet
+#: Size; larger ones are skipped unread): the largest message it accepts, plus PACKET_OVERHEAD.
+#: devices/mosquitto/mosquitto.conf sets the broker's max_packet_size to the same value.
+MAX_PACKET_SIZE = max(m.MAX_WIRE_BYTES for m in messages.MESSAGE_TYPES.values()) \
+    + PACKET_OVERHEAD
 
 
 class IngestingStore(Protocol):
@@ -146,11 +167,16 @@ def parse_broker_url(url: str) -> BrokerAddress:
 
 #: the keys of :meth:`HubWorker.stats`
 STAT_KEYS = ("received", "ingested_batches", "stored", "duplicates", "rejected", "conflicts",
-             "receipts_sent", "store_errors", "connects", "connected", "subscribed", "queued")
+             "receipts_sent", "receipts_refused", "receipt_errors", "store_errors", "connects",
+             "connected", "subscribed", "queued")
 
 
 class _SessionTakenOver(MqttConnectionError):
     """The broker ended the session: another client connected with this client id."""
+
+
+class _SubscriptionFailed(MqttConnectionError):
+    """The broker did not grant QoS 1 for every filter of the SUBSCRIBE."""
 
 
 class _Received(NamedTuple):
@@ -334,6 +360,7 @@ class HubWorker:
         self._last_error = ""
         self._reject_log = _RateLimit(log_burst, log_every, time.monotonic)
         self._error_log = _RateLimit(5, 10.0, time.monotonic)
+        self._receipt_log = _RateLimit(5, 10.0, time.monotonic)
         self._v5 = mqtt_version != 311
         self._probed = mqtt_version != "auto"
         self._subscribe_mid: int | None = None
@@ -363,7 +390,7 @@ class HubWorker:
             self.address.host, self.address.port, client_id=self.client_id, v5=self._v5,
             keepalive=self.keepalive, username=self.username, password=self.password,
             tls=self._tls, session_expiry=self.session_expiry, receive_maximum=self.inflight,
-            max_inflight=100)
+            max_inflight=100, max_packet_size=MAX_PACKET_SIZE)
 
     def _wake(self) -> None:
         """Wake the network thread (it waits on the broker's socket and this pair)."""
@@ -386,13 +413,28 @@ class HubWorker:
     def _event(self, event: tuple[Any, ...]) -> None:
         if event[0] == "suback":
             _, mid, codes = event
-            failed = [(f, rc) for f, rc in zip(self.filters, codes, strict=False) if rc >= 0x80]
-            for f, rc in failed:
-                log.error("broker %s refused the subscription %s of worker %s: reason code "
-                          "0x%02X (check the broker's ACL for this user)", self.broker_url, f,
-                          self.client_id, rc)
-            if mid == self._subscribe_mid and not failed:
+            if mid == self._subscribe_mid:
+                self._check_suback(codes)
                 self._subscribed.set()
+        elif event[0] == "oversized":
+            _, topic, qos, size = event
+            with self._lock:
+                self._counts["received"] += 1
+                self._counts["rejected"] += 1
+            self._log_rejection(size, topic, "oversized",
+                                f"larger than the hub's maximum packet size of {MAX_PACKET_SIZE} "
+                                "bytes: skipped unread" + (" and acknowledged" if qos else ""))
+        elif event[0] == "refused":
+            _, topic, reason, text = event
+            with self._lock:
+                self._counts["receipts_refused"] += 1
+            if self._receipt_log.allow():
+                suppressed = self._receipt_log.take_suppressed()
+                log.error("worker %s: broker %s refused a receipt on %.200r: reason code 0x%02X "
+                          "%s (check that the broker lets this user publish receipts); its "
+                          "device resends what no receipt names%s", self.client_id,
+                          self.broker_url, topic, reason, text,
+                          f" ({suppressed} more refusals not logged)" if suppressed else "")
         elif event[0] == "unsuback":
             if event[1] == self._unsubscribe_mid:
                 self._unsubscribed.set()
@@ -406,11 +448,33 @@ class HubWorker:
             raise MqttConnectionError(f"the broker disconnected: reason code 0x{reason:02X} "
                                       f"{text}".rstrip())
 
+    def _check_suback(self, codes: list[int]) -> None:
+        """_SubscriptionFailed naming each filter the SUBACK did not grant at QoS 1 exactly:
+        refused (>= 0x80), QoS 0 (the broker would not redeliver what the hub never acked: ack
+        after commit would silently stop applying), or missing (fewer codes than filters)."""
+        filters = self.filters
+        if len(codes) != len(filters):
+            raise _SubscriptionFailed(
+                f"broker {self.broker_url} answered the SUBSCRIBE of {len(filters)} filters "
+                f"({', '.join(filters)}) with {len(codes)} reason codes "
+                f"({', '.join(f'0x{rc:02X}' for rc in codes)}); one per filter expected; "
+                "reconnecting")
+        bad = [f"{f} (reason code 0x{rc:02X}: "
+               + ("refused" if rc >= 0x80 else f"granted QoS {rc}") + ")"
+               for f, rc in zip(filters, codes, strict=True) if rc != 1]
+        if bad:
+            raise _SubscriptionFailed(
+                f"broker {self.broker_url} did not grant QoS 1 for {', '.join(bad)}: the hub "
+                "needs QoS 1 on every filter (check the broker's ACL and max_qos for this "
+                "user); reconnecting")
+
     def _deliver(self, client: HubMqttClient, received: list[Received]) -> None:
         """Hand one read's messages to the ingest thread. A full inbox (MQTT 3.1.1 only: with
         MQTT 5 the Receive Maximum keeps it from filling) makes this wait, which stops reading
         from the socket (back-pressure) rather than dropping a message; meanwhile the acks of
-        committed batches still go out."""
+        committed batches still go out, and so do pings, whose answers wait unread (the
+        client does not count them missing meanwhile: with the database down for minutes,
+        the connection stays)."""
         if not self._accepting:
             return  # stopping: left unacknowledged, so the broker delivers it again
         g = self._generation
@@ -420,7 +484,7 @@ class HubWorker:
             if not self._accepting:
                 return
             self._send_committed(client)
-            client.tick(time.monotonic())
+            client.tick(time.monotonic(), reading=False)
         with self._lock:
             self._counts["received"] += len(items)
 
@@ -468,7 +532,7 @@ class HubWorker:
     def _network_loop(self) -> None:
         attempt = 0
         while not self._stop_net.is_set():
-            generation = self._generation
+            subscribed = False
             try:
                 if not self._probed:
                     self._probe()
@@ -489,16 +553,19 @@ class HubWorker:
                     except MqttConnectionError as err:
                         self._client.close()
                         if not self._stop_net.is_set() and self._error_log.allow():
-                            (log.error if isinstance(err, _SessionTakenOver) else log.warning)(
-                                "worker %s lost the broker %s: %s", self.client_id,
-                                self.broker_url, err)
+                            (log.error if isinstance(err, _SessionTakenOver | _SubscriptionFailed)
+                             else log.warning)("worker %s lost the broker %s: %s",
+                                               self.client_id, self.broker_url, err)
                     finally:
+                        subscribed = self._subscribed.is_set()
                         self._connected.clear()
                         self._subscribed.clear()
                 if self._stop_net.is_set():
                     break
-            if self._generation != generation:
-                attempt = 0  # a CONNACK came: start the backoff again from the bottom
+            if subscribed:
+                # a connection that worked: start the backoff again from the bottom (not after
+                # a mere CONNACK: a broker that never grants the subscription is not hammered)
+                attempt = 0
             self._stop_net.wait(self._backoff(attempt))
             attempt += 1
         self._client.close()
@@ -514,7 +581,8 @@ class HubWorker:
         probe = HubMqttClient(self.address.host, self.address.port,
                               client_id=f"edgefleet-probe-{self._random.getrandbits(48):012x}",
                               v5=True, keepalive=10, username=self.username,
-                              password=self.password, tls=self._tls)
+                              password=self.password, tls=self._tls,
+                              max_packet_size=MAX_PACKET_SIZE)
         answer = probe.probe()
         self._probed = True
         if answer.not_v5:
@@ -665,15 +733,30 @@ class HubWorker:
     def _after_commit(self, batch: list[_Received], receipts: dict[tuple[str, str], int]
                       ) -> None:
         """Hand the batch's acks and receipts to the network thread (one wake-up per batch);
-        it sends them with one sendall between reads."""
-        now = self.clock()
+        it sends them with one sendall between reads. The acks first, and each receipt
+        encoded on its own: one that cannot be encoded is counted and logged, and holds back
+        neither the acks nor the other receipts (its device resends, and a later batch
+        receipts it)."""
         by_generation: dict[int, list[int]] = {}
         for m in batch:
             if m.qos > 0:
                 by_generation.setdefault(m.generation, []).append(m.mid)
-        payloads = [(topics.receipt(device), messages.encode_receipt(device, stream, seq, now))
-                    for (device, stream), seq in receipts.items()]
-        self._outbox.append((by_generation, payloads))
+        self._outbox.append((by_generation, []))
+        now = self.clock()
+        payloads: list[tuple[str, bytes]] = []
+        for (device, stream), seq in receipts.items():
+            try:
+                payloads.append((topics.receipt(device),
+                                 messages.encode_receipt(device, stream, seq, now)))
+            except Exception as err:  # a bug or an odd stored value: never the batch's acks
+                with self._lock:
+                    self._counts["receipt_errors"] += 1
+                if self._receipt_log.allow():
+                    log.error("worker %s: the receipt of device %.160r stream %.40r up to seq "
+                              "%s cannot be encoded (not sent; the device resends): %s",
+                              self.client_id, device, stream, seq, err, exc_info=True)
+        if payloads:
+            self._outbox.append(({}, payloads))
         with self._lock:
             self._counts["receipts_sent"] += len(payloads)
         self._wake()
@@ -688,21 +771,42 @@ class HubWorker:
             c["rejected"] += len(rejections)
             c["conflicts"] += result.conflicts
         for r in rejections:
-            if self._reject_log.allow():
-                suppressed = self._reject_log.take_suppressed()
-                log.warning("worker %s rejected a message of %d bytes from device %s on %.200r "
-                            "(%s): %.500s%s", self.client_id, r.size, r.device_id or "(unknown)",
-                            r.topic, r.kind, r.reason,
-                            f" ({suppressed} more rejections not logged)" if suppressed else "")
+            self._log_rejection(r.size, r.topic, r.kind, r.reason, r.device_id)
         log.debug("worker %s: batch of %d: %d stored, %d duplicates, %d rejected",
                   self.client_id, n, result.stored, result.duplicates, len(rejections))
+
+    def _log_rejection(self, size: int, topic: str, kind: str, reason: str,
+                       device_id: str | None = None) -> None:
+        """One line per rejected message, at most ``log_burst`` at once, then one per
+        ``log_every`` seconds (the counters keep the exact numbers)."""
+        if not self._reject_log.allow():
+            return
+        if device_id is None:
+            with contextlib.suppress(topics.TopicError):
+                device_id = topics.parse(topic)[0]
+        suppressed = self._reject_log.take_suppressed()
+        log.warning("worker %s rejected a message of %d bytes from device %s on %.200r (%s): "
+                    "%.500s%s", self.client_id, size, device_id or "(unknown)", topic, kind,
+                    reason, f" ({suppressed} more rejections not logged)" if suppressed else "")
 
     # --- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> HubWorker:
-        """Start the network and ingest threads; returns at once (see :meth:`wait_subscribed`)."""
+        """Start the network and ingest threads; returns at once (see :meth:`wait_subscribed`).
+
+        RuntimeError while the threads of a :meth:`stop` that timed out still run (two
+        pipelines would then share the inbox and the connection): call ``stop()`` again, which
+        waits for them, then ``start()``."""
         if self._net_thread is not None:
-            return self
+            if not self._stopping():
+                return self  # running
+            alive = self._alive_threads()
+            if alive:
+                raise RuntimeError(
+                    f"worker {self.client_id} cannot start: the {' and '.join(alive)} thread(s) "
+                    "of its last stop() are still running (it timed out); call stop() again "
+                    "to wait for them, then start()")
+            self._stopped()
         self._accepting = True
         self._commit_idle.set()
         if self._wake_r is None:
@@ -739,10 +843,38 @@ class HubWorker:
         received, then end the session. Default: keep it unless the subscription is shared —
         Mosquitto would otherwise go on routing this worker's share of the fleet into a queue
         nobody reads (a worker that scales down must not take messages with it).
+
+        A stop whose threads do not end within ``timeout`` leaves them stopping (logged); call
+        it again to wait for them (:meth:`start` refuses until they have ended).
         """
         if self._net_thread is None:
             return
         deadline = time.monotonic() + timeout
+        if not self._stopping():
+            self._begin_stop(deadline, keep_session)
+        if self._ingest_thread is not None:
+            self._ingest_thread.join(max(0.1, deadline - time.monotonic()))
+        # the receipts of what was stored: sent and acknowledged by the broker (while connected;
+        # those still waiting go out after the next CONNACK of this client id)
+        while self._connected.is_set() and time.monotonic() < deadline:
+            if not self._outbox and not self._client.unacknowledged:
+                break
+            time.sleep(0.01)
+        self._stop_net.set()
+        self._wake()
+        self._net_thread.join(max(0.1, deadline - time.monotonic()))
+        alive = self._alive_threads()
+        if alive:  # keep the handles and the stop flags: they still have to end, then stop()
+            log.error("worker %s: its %s thread(s) did not end within %s s of stop(); they are "
+                      "still stopping (call stop() again to wait for them)", self.client_id,
+                      " and ".join(alive), timeout)
+            return
+        self._stopped()
+        log.info("worker %s stopped: %s", self.client_id, self.stats())
+
+    def _begin_stop(self, deadline: float, keep_session: bool | None) -> None:
+        """The first stop(): unsubscribe (a session to end), stop taking messages, tell the
+        ingest thread to finish."""
         shared = self.filters[0].startswith("$share/")
         self._keep_session = (keep_session if keep_session is not None else not shared) \
             or not self._v5
@@ -755,26 +887,24 @@ class HubWorker:
                             self.broker_url)
         self._accepting = False
         self._stop_ingest.set()
-        if self._ingest_thread is not None:
-            self._ingest_thread.join(max(0.1, deadline - time.monotonic()))
-        # the receipts of what was stored: sent and acknowledged by the broker (while connected;
-        # those still waiting go out after the next CONNACK of this client id)
-        while self._connected.is_set() and time.monotonic() < deadline:
-            if not self._outbox and not self._client.unacknowledged:
-                break
-            time.sleep(0.01)
-        self._stop_net.set()
-        self._wake()
-        self._net_thread.join(max(0.1, deadline - time.monotonic()))
-        if not self._net_thread.is_alive() and self._wake_r is not None and \
-                self._wake_w is not None:
+
+    def _stopping(self) -> bool:
+        return self._stop_ingest.is_set()
+
+    def _alive_threads(self) -> list[str]:
+        return [name for name, t in (("ingest", self._ingest_thread),
+                                     ("network", self._net_thread))
+                if t is not None and t.is_alive()]
+
+    def _stopped(self) -> None:
+        """Both threads have ended: forget them, so that start() can run new ones."""
+        if self._wake_r is not None and self._wake_w is not None:
             self._wake_r.close()
             self._wake_w.close()
             self._wake_r = self._wake_w = None
         self._net_thread = self._ingest_thread = None
         self._stop_net.clear()
         self._stop_ingest.clear()
-        log.info("worker %s stopped: %s", self.client_id, self.stats())
 
     def stats(self) -> dict[str, int]:
         """Counters since start (exact, unlike the rate-limited log); keys in STAT_KEYS.

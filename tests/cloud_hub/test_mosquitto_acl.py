@@ -23,7 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from cloud_hub.mosquitto import MosquittoProcess, adapt_conf, free_port
 from cloud_hub.store import HubStore
-from cloud_hub.worker import HubWorker
+from cloud_hub.worker import MAX_PACKET_SIZE, HubWorker
 from fleet_protocol import messages, topics
 from tests.cloud_hub.test_worker import assert_exactly_once, envelope, wait_for
 
@@ -134,12 +134,14 @@ def connect(broker: MosquittoProcess) -> Iterator[Callable[..., Client]]:
 
 def test_shipped_config_sets_the_production_options() -> None:
     """The shipped config refuses anonymous clients, persists often, bounds sizes and queues,
-    and its message size limit is the protocol's largest message (TelemetryEnvelope)."""
+    its message size limit is the protocol's largest message (TelemetryEnvelope) and its
+    packet size limit the hub's own (what the hub announces to the broker)."""
     options = conf_options(CONF.read_text(encoding="utf-8"))
     assert options["allow_anonymous"] == ["false"]
     assert options["persistence"] == ["true"]
     assert int(options["autosave_interval"][0]) <= 60
     assert int(options["message_size_limit"][0]) == messages.TelemetryEnvelope.MAX_WIRE_BYTES
+    assert int(options["max_packet_size"][0]) == MAX_PACKET_SIZE
     for name in ("password_file", "acl_file", "max_queued_messages", "max_queued_bytes",
                  "max_inflight_messages", "persistent_client_expiration"):
         assert name in options, name
@@ -200,6 +202,24 @@ def test_oversized_message_never_reaches_the_hub(connect: Callable[..., Client])
     pi1.publish(topics.telemetry("pi-1"), b"{" + b" " * limit)
     pi1.publish(topics.telemetry("pi-1"), b"sentinel")
     wait_for(lambda: hub.received(topics.telemetry("pi-1"), b"sentinel"), 10, "the sentinel")
+    assert [len(p) for _, p in hub.got] == [len(b"sentinel")]
+
+
+def test_a_packet_over_max_packet_size_disconnects_its_sender(
+        connect: Callable[..., Client]) -> None:
+    """A device declaring a packet over max_packet_size is disconnected at once (the broker
+    does not read it into memory first), and the hub never gets it."""
+    hub = connect("hub")
+    hub.subscribe(*topics.hub_subscriptions("hub"))
+    pi1 = connect("pi-1", protocol=mqtt.MQTTv311)
+    disconnected = threading.Event()
+    pi1.client.on_disconnect = lambda *a: disconnected.set()
+    pi1.client.reconnect_delay_set(30, 60)  # paho would send it again on reconnect
+    pi1.client.publish(topics.telemetry("pi-1"), b"x" * MAX_PACKET_SIZE, qos=1)
+    wait_for(disconnected.is_set, 10, "the broker to disconnect pi-1")
+    pi2 = connect("pi-2")
+    pi2.publish(topics.telemetry("pi-2"), b"sentinel")
+    wait_for(lambda: hub.received(topics.telemetry("pi-2"), b"sentinel"), 10, "the sentinel")
     assert [len(p) for _, p in hub.got] == [len(b"sentinel")]
 
 

@@ -35,6 +35,20 @@ def test_sqlite_is_created_with_wal_full_sync_and_a_schema_version(tmp_path: Pat
         assert version == str(tables.SCHEMA_VERSION)
 
 
+def test_a_sqlite_older_than_the_hub_sql_needs_is_refused_at_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub's SQL needs SQLite 3.35 (RETURNING; UPDATE ... FROM: 3.33): an older library
+    is refused when the store opens, naming the version found and the one needed, before
+    anything is created (not with the first batch ingested)."""
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 34, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.34.1")
+    with pytest.raises(HubStoreError, match=r"version 3\.34\.1, and the hub needs 3\.35\.0"):
+        HubStore(path=tmp_path / "deep" / "hub.db")
+    assert not (tmp_path / "deep").exists()
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 35, 0))
+    HubStore(path=tmp_path / "deep" / "hub.db").close()
+
+
 def test_a_database_of_another_schema_version_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "hub.db"
     HubStore(path=db).close()

@@ -25,10 +25,17 @@ import pytest
 import sqlalchemy as sa
 from paho.mqtt.enums import CallbackAPIVersion
 
-from cloud_hub.errors import HubStoreError
-from cloud_hub.mosquitto import MosquittoProcess
+from cloud_hub.errors import HubStoreError, MqttConnectionError
+from cloud_hub.mosquitto import MosquittoProcess, free_port
 from cloud_hub.store import HubStore, events
-from cloud_hub.worker import BrokerAddress, HubWorker, _RateLimit, parse_broker_url
+from cloud_hub.worker import (
+    MAX_PACKET_SIZE,
+    BrokerAddress,
+    HubWorker,
+    _RateLimit,
+    _Received,
+    parse_broker_url,
+)
 from fleet_protocol import messages, topics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -239,6 +246,115 @@ def test_reconnect_backoff_is_jittered_and_capped() -> None:
 class HubStoreStub:
     def ingest(self, messages: Any, *, now: float, worker: str = "") -> Any:
         raise AssertionError("not used")
+
+
+def test_a_suback_without_qos1_on_every_filter_fails_the_subscription() -> None:
+    """Each filter must be granted QoS 1 exactly, one code per filter: QoS 0 (ack after commit
+    would silently stop applying), a refusal, or a missing or extra code is a failed
+    subscription, naming the filter; only a full grant counts as subscribed."""
+    w = HubWorker(HubStoreStub(), broker_url="mqtt://127.0.0.1:1", mqtt_version=5)
+    w._subscribe_mid = 7
+    state = "$share/hub/edgefleet/v1/+/state"
+    for codes, says in (([1, 0, 1], f"{state} (reason code 0x00: granted QoS 0)"),
+                        ([1, 0x87, 1], f"{state} (reason code 0x87: refused)"),
+                        ([1, 2, 1], f"{state} (reason code 0x02: granted QoS 2)"),
+                        ([1, 1], "3 filters"), ([1, 1, 1, 1], "with 4 reason codes")):
+        with pytest.raises(MqttConnectionError) as err:
+            w._event(("suback", 7, codes))
+        assert says in str(err.value)
+        assert not w._subscribed.is_set()
+    w._event(("suback", 8, [0, 0, 0]))  # not the answer to our SUBSCRIBE
+    w._event(("suback", 7, [1, 1, 1]))
+    assert w._subscribed.is_set()
+
+
+def test_a_broker_that_grants_qos0_is_not_taken_as_a_subscription(
+        tmp_path: Path, workers: list[HubWorker], caplog: pytest.LogCaptureFixture) -> None:
+    """Mosquitto with max_qos 0 grants QoS 0 for the hub's QoS 1 SUBSCRIBE: the worker never
+    counts itself subscribed, logs an error naming the filter, and reconnects with a backoff
+    that grows (a CONNACK alone does not reset it)."""
+    caplog.set_level(logging.ERROR, logger="cloud_hub.worker")
+    broker = MosquittoProcess(tmp_path / "broker", extra_conf="max_qos 0")
+    broker.start()
+    try:
+        with HubStore(path=tmp_path / "hub.db") as store:
+            worker = HubWorker(store, broker_url=broker.url, client_id="hub-qos0",
+                               reconnect_min=0.05, reconnect_max=0.4)
+            workers.append(worker.start())
+            started = time.monotonic()
+            wait_for(lambda: worker.stats()["connects"] >= 3, 30, "three connections")
+            assert not worker.wait_subscribed(1.0)
+            elapsed = time.monotonic() - started
+            # a reset per CONNACK would reconnect every 25-50 ms; growing, it waits up to 0.4 s
+            assert worker.stats()["connects"] <= 3 + elapsed / 0.1
+    finally:
+        for w in workers:
+            w.stop()
+        broker.kill()
+    lines = [r.getMessage() for r in caplog.records if r.name == "cloud_hub.worker"]
+    assert any("did not grant QoS 1 for $share/hub/edgefleet/v1/+/telemetry (reason code "
+               "0x00: granted QoS 0)" in line for line in lines), lines
+
+
+def test_a_receipt_that_cannot_be_encoded_holds_back_neither_acks_nor_receipts() -> None:
+    """After a commit the batch's acks are queued whatever happens to its receipts; a receipt
+    that fails to encode is counted (receipt_errors) and the others still go out."""
+    w = HubWorker(HubStoreStub(), broker_url="mqtt://127.0.0.1:1")
+    topic = topics.telemetry("pi-1")
+    batch = [_Received(3, 11, 1, topic, b""), _Received(3, 12, 1, topic, b""),
+             _Received(3, 0, 0, topic, b"")]
+    w._after_commit(batch, {("pi-1", "5eed5eed5eed5eed"): 2, ("not/a device", "x"): 1,
+                            ("pi-2", "5eed5eed5eed5eed"): 4})
+    acks = [mid for by_generation, _ in w._outbox for mid in by_generation.get(3, [])]
+    sent = [t for _, receipts in w._outbox for t, _ in receipts]
+    assert acks == [11, 12]
+    assert sent == [topics.receipt("pi-1"), topics.receipt("pi-2")]
+    assert w.stats()["receipt_errors"] == 1 and w.stats()["receipts_sent"] == 2
+
+
+class BlockingStore:
+    """A store whose ingest blocks until released (a database that hangs), then fails."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def ingest(self, messages: Any, *, now: float, worker: str = "") -> Any:
+        self.entered.set()
+        self.release.wait(60)
+        raise HubStoreError("released (test)")
+
+
+def test_start_refuses_while_the_threads_of_a_timed_out_stop_still_run() -> None:
+    """A stop() whose ingest thread does not end in time keeps its threads and stop flags:
+    start() refuses with an error saying so (it would run a second pipeline beside it), a
+    second stop() waits for them, and then start() runs exactly one set of threads."""
+    store = BlockingStore()
+    w = HubWorker(store, broker_url=f"mqtt://127.0.0.1:{free_port()}", mqtt_version=5,
+                  client_id="hub-stuck", reconnect_min=0.05, reconnect_max=0.1)
+
+    def threads(kind: str) -> int:
+        return sum(t.name == f"hub-{kind}-hub-stuck" and t.is_alive()
+                   for t in threading.enumerate())
+
+    w.start()
+    try:
+        assert w._inbox.put_many([_Received(0, 0, 0, topics.telemetry("pi-1"), b"x")], 1.0)
+        wait_for(store.entered.is_set, 10, "the ingest thread to block in the store")
+        w.stop(timeout=0.3)
+        assert threads("ingest") == 1
+        with pytest.raises(RuntimeError, match=r"still running.*call stop\(\) again"):
+            w.start()
+        assert threads("ingest") == 1
+        store.release.set()
+        w.stop(timeout=10)
+        assert threads("ingest") == 0 and threads("mqtt") == 0
+        w.start()
+        assert threads("ingest") == 1 and threads("mqtt") == 1
+    finally:
+        store.release.set()
+        w.stop()
+    assert threads("ingest") == 0 and threads("mqtt") == 0
 
 
 # --- Mosquitto + the real store ----------------------------------------------------------
@@ -538,6 +654,100 @@ def test_bad_payloads_are_rejected_and_the_worker_goes_on(mosquitto: MosquittoPr
              and "rejected" in r.getMessage()]
     assert len(lines) == 3, lines  # the burst, then silence (a flood cannot fill the disk)
     assert all("device pi-1" in line for line in lines)
+
+
+def test_an_oversized_message_is_skipped_counted_and_logged(
+        tmp_path: Path, workers: list[HubWorker], fleet_factory: Callable[..., FleetSim],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Over MQTT 3.1.1 (no way to tell the broker the limit), a message over MAX_PACKET_SIZE
+    is skipped as it arrives, never reaching the store: counted as received and rejected,
+    logged as "oversized" with its device, acknowledged; the envelopes after it are stored."""
+    caplog.set_level(logging.WARNING, logger="cloud_hub.worker")
+    broker = MosquittoProcess(tmp_path / "broker", max_packet_size=None)  # lets it through
+    broker.start()
+    try:
+        with HubStore(path=tmp_path / "hub.db") as store:
+            worker = start_worker(workers, store, broker.url, mqtt_version=311)
+            fleet = fleet_factory(broker.url, ["pi-1"], protocol=mqtt.MQTTv311)
+            fleet.publish("pi-1", 1)
+            fleet.client.publish(topics.telemetry("pi-1"), b"{" + b" " * MAX_PACKET_SIZE,
+                                 qos=1)
+            fleet.publish_range(range(2, 4))
+            wait_for(lambda: fleet.all_receipted(3) and worker.stats()["rejected"] == 1, 30,
+                     "the envelopes around the oversized message receipted")
+            assert_exactly_once(store, ["pi-1"], 3)
+            stats = worker.stats()
+            assert stats["received"] == 4 and stats["stored"] == 3
+            assert store.counters().rejected == 0  # it never reached the store
+    finally:
+        for w in workers:
+            w.stop()
+        broker.kill()
+    lines = [r.getMessage() for r in caplog.records if "(oversized)" in r.getMessage()]
+    assert len(lines) == 1
+    assert "from device pi-1 on 'edgefleet/v1/pi-1/telemetry'" in lines[0]
+    assert f"maximum packet size of {MAX_PACKET_SIZE} bytes: skipped unread and " \
+        "acknowledged" in lines[0]
+
+
+def test_back_pressure_keeps_the_connection(mosquitto: MosquittoProcess, tmp_path: Path,
+                                            workers: list[HubWorker],
+                                            fleet_factory: Callable[..., FleetSim]) -> None:
+    """With the database down and the inbox full (MQTT 3.1.1: the broker sends up to its own
+    in-flight limit), the network thread stops reading; its pings' answers wait unread, and
+    that is not taken for a dead broker: one connection through four keepalives, and when the
+    database is back everything is stored and receipted on it."""
+    with HubStore(path=tmp_path / "hub.db") as store:
+        failing = FailingStore(store)
+        worker = start_worker(workers, failing, mosquitto.url, client_id="hub-pressure",
+                              mqtt_version=311, keepalive=1, inflight=1, batch_max=1)
+        fleet = fleet_factory(mosquitto.url, ["pi-1"], protocol=mqtt.MQTTv311)
+        fleet.publish_range(range(1, 11), pause=0.05)  # one read each: the inbox fills
+        wait_for(lambda: failing.calls >= 1 and len(worker._inbox) >= worker._inbox.maxsize,
+                 10, "the inbox to fill while the store fails")
+        deadline = time.monotonic() + 4.0  # four keepalives
+        while time.monotonic() < deadline:
+            stats = worker.stats()
+            assert stats["connects"] == 1 and stats["connected"] == 1
+            assert stats["received"] < 10  # still back-pressured
+            time.sleep(0.05)
+        failing.failing = False
+        wait_for(lambda: fleet.all_receipted(10), 30, "receipts once the store is back")
+        assert_exactly_once(store, ["pi-1"], 10)
+        assert worker.stats()["connects"] == 1
+
+
+def test_a_receipt_the_broker_refuses_is_counted_and_logged(
+        tmp_path: Path, workers: list[HubWorker], fleet_factory: Callable[..., FleetSim],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An ACL that does not let the hub publish receipts: each refused receipt (MQTT 5 PUBACK
+    "not authorized") is counted in receipts_refused and logged with its topic and reason, at
+    a bounded rate; the envelopes are stored all the same."""
+    caplog.set_level(logging.ERROR, logger="cloud_hub.worker")
+    acl = tmp_path / "acl"
+    acl.write_text("".join(f"topic readwrite edgefleet/v1/+/{kind}\n"
+                           for kind in topics.DEVICE_KINDS), encoding="utf-8")
+    broker = MosquittoProcess(tmp_path / "broker", extra_conf=f"acl_file {acl}")
+    broker.start()
+    devices = [f"pi-{i}" for i in range(8)]
+    try:
+        with HubStore(path=tmp_path / "hub.db") as store:
+            worker = start_worker(workers, store, broker.url, client_id="hub-no-receipts")
+            fleet = fleet_factory(broker.url, devices)
+            fleet.publish_range(range(1, 3))
+            wait_for(lambda: worker.stats()["receipts_refused"] >= len(devices), 30,
+                     "a refused receipt for every device")
+            assert_exactly_once(store, devices, 2)
+            assert fleet.receipts == dict.fromkeys(devices, 0)
+            wait_for(lambda: worker._client.unacknowledged == 0, 10, "no receipt held")
+            refused = worker.stats()["receipts_refused"]
+    finally:
+        for w in workers:
+            w.stop()
+        broker.kill()
+    lines = [r.getMessage() for r in caplog.records if "refused a receipt" in r.getMessage()]
+    assert 1 <= len(lines) <= 6 and len(lines) < refused  # a burst of 5, then 1 per 10 s
+    assert "on 'edgefleet/v1/pi-" in lines[0] and "reason code 0x87 not authorized" in lines[0]
 
 
 # --- a hub process killed with SIGKILL ------------------------------------------------------
