@@ -3,8 +3,6 @@ and 3.1.1, keepalive, receipts queued while disconnected, TLS) and the embedded 
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import itertools
 import struct
 import threading
@@ -25,6 +23,7 @@ from cloud_hub.store import HubStore
 from cloud_hub.worker import HubWorker
 from fleet_protocol import topics
 from tests.cloud_hub.test_worker import assert_exactly_once, envelope, wait_for
+from tests.tls_certs import make_certs
 
 # --- parsing, whatever the chunks ----------------------------------------------------------
 
@@ -166,37 +165,8 @@ def test_the_probe_tells_mqtt5_from_311(mosquitto: MosquittoProcess) -> None:
 
 def _certificates(folder: Path) -> tuple[Path, Path, Path]:
     """A CA and a server certificate for 127.0.0.1 signed by it: (ca, cert, key) PEM files."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("test ca")).issuer_name(name("test ca"))
-          .public_key(ca_key.public_key()).serial_number(1)
-          .not_valid_before(now - datetime.timedelta(days=1))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(name("test ca"))
-            .public_key(key.public_key()).serial_number(2)
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
-    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return paths
+    files = make_certs(folder)
+    return files["ca"], files["server"], files["server_key"]
 
 
 def test_hub_ingests_over_tls_and_refuses_an_unknown_ca(tmp_path: Path) -> None:
