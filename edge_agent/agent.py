@@ -487,8 +487,11 @@ class Agent:
             with self._pending_lock:  # a batch takes a block of ids from its own range
                 first = self._next_batch_id
                 self._next_batch_id += n
-                # the prediction, not its labels: the writer decodes them off the request path
-                self._pending.append((first, now, loaded, pred, scores))
+                # labels (or codes to decode them from) for the writer, off the request path;
+                # not the probabilities: they would be held until the flush
+                logged = Prediction(None, None, None, pred.codes, label_text=pred.label_text) \
+                    if pred.label_text is not None else Prediction(pred.labels, None, None)
+                self._pending.append((first, now, loaded, logged, scores))
                 self._run = None
         if self._sample_inputs:
             self._sample(first, n, now, loaded, model_in)

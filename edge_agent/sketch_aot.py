@@ -212,7 +212,8 @@ def build(cache_dir: Path) -> BuildResult:
     try:
         with tempfile.TemporaryDirectory(prefix="edgefleet-sketch-aot-") as tmp:
             _compile(name, Path(tmp))
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            path.parent.chmod(path.parent.stat().st_mode & ~0o022)  # see _untrusted
             atomic_write_bytes(path, (Path(tmp) / path.name).read_bytes(), mode=0o755)
     except Exception as err:  # pycc's errors are numba's, distutils' and OSError: all reported
         seconds = time.perf_counter() - t0
@@ -323,6 +324,20 @@ class AotKernel:
         return fn(*args)
 
 
+def _untrusted(path: Path) -> str | None:
+    """Why a build file may not be loaded as code (None: it may): it and its folder must
+    belong to this user (or root) and be writable by nobody else, or another local user could
+    plant code there (an inherited NUMBA_CACHE_DIR such as /tmp/numba is shared)."""
+    me = os.geteuid()
+    for p in (path, path.parent):
+        st = p.stat()
+        if st.st_uid not in (me, 0):
+            return f"{p} belongs to uid {st.st_uid}, not to this user ({me})"
+        if st.st_mode & 0o022:
+            return f"{p} is writable by group or others (mode {st.st_mode & 0o777:o})"
+    return None
+
+
 def load(cache_dir: Path) -> AotKernel | None:
     """The build for this process's key under ``cache_dir``, imported by file path; None (and
     one log line saying why) when there is none or it does not import."""
@@ -330,6 +345,11 @@ def load(cache_dir: Path) -> AotKernel | None:
     if not path.exists():
         log.info("sketch kernels: numba's JIT (no ahead-of-time build %s; `edgefleet agent "
                  "warmup` builds it)", path)
+        return None
+    unsafe = _untrusted(path)
+    if unsafe:
+        log.warning("sketch kernels: numba's JIT (the ahead-of-time build %s is not loaded: "
+                    "%s)", path, unsafe)
         return None
     name = path.name.removesuffix(".so")
     try:

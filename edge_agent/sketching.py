@@ -119,6 +119,37 @@ class KernelLayout:
                 raise SketchError(f"kernel layout array {name} has shape {a.shape}, expected "
                                   "one entry per feature (or per edge); build it with "
                                   "KernelLayout.from_layout")
+        problem = self._inconsistency()
+        if problem:
+            raise SketchError(f"kernel layout {self.fingerprint}: {problem}; build it with "
+                              "KernelLayout.from_layout")
+
+    def _inconsistency(self) -> str | None:
+        """What makes these arrays disagree with each other (None: nothing): the kernels index
+        the sketch's arrays and ``edges`` by them without bounds checks, so a layout that
+        passes here can never make a fold read or write outside them."""
+        nf = len(self.offsets)
+        for name in ("edge_start", "edge_count", "numeric", "n_slots", "last"):
+            if len(getattr(self, name)) != nf:
+                return f"{name} has {len(getattr(self, name))} entries for {nf} features"
+        slot = 0
+        for j in range(nf):
+            if self.offsets[j] != slot or self.n_slots[j] < 1:
+                return f"feature {j}: offset {self.offsets[j]}, {self.n_slots[j]} slots"
+            slot += int(self.n_slots[j])
+            if not self.numeric[j]:
+                continue
+            start, m = int(self.edge_start[j]), int(self.edge_count[j])
+            if m < 2 or start < 0 or start + m > len(self.edges) or self.n_slots[j] != m + 1 \
+                    or self.last[j] != self.edges[start + m - 1]:
+                return (f"numeric feature {j}: edges {start}..{start + m - 1} of "
+                        f"{len(self.edges)}, {self.n_slots[j]} slots, last edge {self.last[j]}")
+        return None
+
+    @property
+    def total_slots(self) -> int:
+        """Length of a sketch's counts under this layout."""
+        return int(self.offsets[-1] + self.n_slots[-1]) if len(self.offsets) else 0
 
     @classmethod
     def from_layout(cls, layout: SketchLayout) -> KernelLayout:
@@ -237,7 +268,15 @@ def update_sketch_segments(
 
 def _kernel_args(sketch: Sketch, klayout: KernelLayout, x: np.ndarray,
                  ends: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The kernel's arguments, in its order."""
+    """The kernel's arguments, in its order; SketchError when the sketch's arrays are not of
+    the layout's shape (the kernels write into them without bounds checks)."""
+    nf = klayout.n_features
+    if (sketch.counts.shape != (klayout.total_slots,) or sketch.missing.shape != (nf,)
+            or sketch.moments.shape != (nf, 5)):
+        raise SketchError(
+            f"sketch arrays of shapes {sketch.counts.shape}, {sketch.missing.shape}, "
+            f"{sketch.moments.shape} do not fit layout {klayout.fingerprint} "
+            f"(({klayout.total_slots},), ({nf},), ({nf}, 5))")
     return (sketch.counts, sketch.missing, sketch.moments, klayout.offsets, klayout.edges,
             klayout.last, klayout.edge_start, klayout.edge_count, klayout.numeric,
             klayout.n_slots, x, ends)

@@ -256,9 +256,9 @@ class ModelWindow:
 
 
 class _Stage:
-    """Rows of one window staged for the fold, in arrival order: float32 feature rows, output
-    rows, and where each batch ends (each request's batch, or a block of buffered single rows,
-    is folded as its own batch: the same bits as folding it when it arrived)."""
+    """Rows of one window staged for the fold, in arrival order: float32 feature rows, float64
+    output rows, and where each batch ends (each request's batch, or a block of buffered single
+    rows, is folded as its own batch: the same bits as folding it when it arrived)."""
 
     __slots__ = ("ends", "n", "outputs", "rows", "window")
 
@@ -491,11 +491,12 @@ class TelemetryRecorder:
                 return _Stage(win, *spare.pop())
             except IndexError:  # taken by another thread since the check
                 pass
-        # float32: every value staged is a float32 (the model's input and output tensors) or a
-        # small category code, so this is exact, half the bytes to copy, and the kernel bins
-        # it with float32 compares
+        # Features as float32: the model's input tensor is float32 (BundleModel.features casts
+        # to it) and category codes are small integers, so this is exact and half the bytes to
+        # copy. Outputs stay float64: a model may answer in doubles (a score of 0.49999999999
+        # must not round onto a bin edge of 0.5), and they are two columns.
         return _Stage(win, np.empty((rows, shape[0]), dtype=np.float32),
-                      np.empty((rows, shape[1]), dtype=np.float32))
+                      np.empty((rows, shape[1]), dtype=np.float64))
 
     def _queue(self, stage: _Stage) -> None:
         """Put a stage on the fold queue (caller holds _lock)."""

@@ -280,6 +280,27 @@ def test_caller_reusing_its_arrays_does_not_change_the_sketches(make_agent: Any)
     _assert_committed_equals(agent, ref)
 
 
+def test_double_scores_are_sketched_unrounded(make_agent: Any) -> None:
+    """A model answering in doubles: a score a hair below a bin edge stays below it (outputs
+    are staged in float64; float32 would round it onto the edge)."""
+    agent = make_agent()
+    loaded = agent.serving()
+    t = loaded.telemetry
+    j = next(i for i, f in enumerate(t.output_layout.features) if f.kind == "numeric")
+    edge = t.output_layout.features[j].edges[1]
+    below = np.nextafter(edge, -np.inf)
+    assert np.float32(below) == edge  # float32 cannot tell them apart
+    scores = np.array([below, edge, below], dtype=np.float64)
+    codes = np.zeros(3, dtype=np.int64)
+    agent.recorder.record(t, _rows(3), codes, scores, 10.0)
+    agent.flush()
+    (w,) = agent.store.windows(closed=False)
+    got = Sketch.from_bytes(t.output_layout, w.outputs)
+    ref = Sketch.empty(t.output_layout)
+    ref.update_numeric(j, scores)
+    np.testing.assert_array_equal(got.feature_counts(j), ref.feature_counts(j))
+
+
 # --- outputs and labels -------------------------------------------------------------------------
 
 

@@ -280,3 +280,25 @@ def test_warmup_without_a_compiler_warns_and_warms_the_jit(tmp_path: Path,
     assert "'/nonexistent/cc'" in proc.stderr
     assert not (cache / "aot").exists()
     assert any(p.name.startswith("sketch_kernels.") for p in cache.rglob("*.nbi"))
+
+
+def test_a_build_others_could_write_is_not_loaded(built: Built, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A build in a folder (or a file) that group or others may write is never imported as
+    code: another local user could have put it there; the JIT folds instead."""
+    import shutil
+
+    path = sketch_aot.build_path(tmp_path)
+    path.parent.mkdir()
+    shutil.copy2(built.result.path, path)
+    assert sketch_aot.load(tmp_path) is not None  # the copy itself is fine
+    for target, mode in ((path.parent, 0o777), (path, 0o666)):
+        saved = target.stat().st_mode & 0o777
+        target.chmod(mode)
+        try:
+            with caplog.at_level(logging.WARNING, logger="edge_agent.sketch_aot"):
+                caplog.clear()
+                assert sketch_aot.load(tmp_path) is None
+            assert "writable by group or others" in caplog.text
+        finally:
+            target.chmod(saved)

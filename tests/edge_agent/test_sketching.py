@@ -381,3 +381,29 @@ def test_buffered_rows_sketch_like_the_whole_batch(case: Case, capacity: int) ->
     update_sketch(buffered, kl, buf.drain())
     update_sketch(whole, kl, batch)
     assert_agree(buffered, whole, [batch])
+
+
+def test_inconsistent_kernel_layouts_and_sketches_are_refused() -> None:
+    """The kernels index without bounds checks: a layout whose arrays disagree (a last edge
+    that is not the last edge, a short per-feature array, offsets with a gap, edges past the
+    end) or a sketch whose arrays are not of the layout's shape is refused before any fold."""
+    from dataclasses import asdict, replace
+
+    layout = _layout()
+    kl = KernelLayout.from_layout(layout)
+    fields = asdict(kl)
+    bad = [
+        {"last": np.array([1.0, 0.0, 0.5])},
+        {"edge_start": np.array([0, -1])},
+        {"offsets": np.array([0, 6, 9])},
+        {"edge_count": np.array([4, 0, 9])},
+        {"n_slots": np.array([5, 4, 9])},
+    ]
+    for change in bad:
+        with pytest.raises(SketchError, match="kernel layout"):
+            KernelLayout(**{**fields, **change})
+    sketch = Sketch.empty(layout)
+    sketch.moments = np.zeros((1, 5))
+    with pytest.raises(SketchError, match="do not fit layout"):
+        update_sketch(sketch, kl, np.zeros((2, 3)))
+    assert replace(kl).total_slots == len(Sketch.empty(layout).counts)
