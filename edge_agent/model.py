@@ -215,7 +215,7 @@ class BundleModel:
         # values are the classes themselves, found by a binary search, or, when they span a
         # small range, by one lookup in a table with an "unknown" entry at either end.
         self._int_classes: tuple[np.ndarray, np.ndarray] | None = None
-        self._int_table: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._int_table: tuple[int, np.ndarray] | None = None
         if spec.labels and all(_is_int(lbl) for lbl in spec.labels):
             raw = np.array([int(lbl) for lbl in spec.labels], dtype=np.int64)
             order = np.argsort(raw)
@@ -226,9 +226,7 @@ class BundleModel:
                 codes = np.full(hi - lo + 3, unknown, dtype=np.int64)
                 codes[raw - lo + 1] = np.arange(len(raw))
                 codes.setflags(write=False)
-                labels = self._label_text[codes]
-                labels.setflags(write=False)
-                self._int_table = (lo - 1, codes, labels)
+                self._int_table = (lo - 1, codes)
         self._ops = [dict(op) for op in spec.preprocessing]
         # numba, and LLVM under it, load for bundles that preprocess, here rather than on a
         # request; a matrix bundle's features are its raw columns and need neither
@@ -383,7 +381,8 @@ class BundleModel:
         if len(raw) <= 16 or raw.dtype.kind not in "iu":
             return None
         if self._int_table is not None and raw.dtype == np.int64:
-            shift, table_codes, _ = self._int_table
+            shift, table_codes = self._int_table
+            # values outside the table clip onto its "unknown" ends
             return table_codes.take(raw - shift, mode="clip")
         if self._int_classes is not None:
             values, order = self._int_classes
@@ -400,18 +399,9 @@ class BundleModel:
             if hit is None:
                 hit = self._cache_label(raw.item(0))
             return hit[2].copy(), hit[3]
-        unknown = len(self._label_text) - 1
-        if self._int_table is not None and raw.dtype == np.int64 and n > 16:
-            shift, table_codes, table_labels = self._int_table
-            # values outside the table clip onto its "unknown" ends
-            index = raw - shift
-            return (table_labels.take(index, mode="clip"),
-                    table_codes.take(index, mode="clip"))
-        if self._int_classes is not None and raw.dtype.kind in "iu" and n > 16:
-            values, order = self._int_classes
-            pos = np.minimum(np.searchsorted(values, raw), len(values) - 1)
-            codes = np.where(values[pos] == raw, order[pos], unknown)
-            return self._label_text[codes], codes
+        int_codes = self._decode_codes(raw)
+        if int_codes is not None:
+            return self._label_text.take(int_codes), int_codes
         labels = np.empty(n, dtype=object)
         codes = np.empty(n, dtype=np.int64)
         cache = self._label_cache
