@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import orjson
 
 from edge_agent.atomic import atomic_write_bytes
 from edge_agent.bundle import (
@@ -52,6 +51,7 @@ from edge_agent.errors import (
     NotReadyError,
 )
 from edge_agent.model import BundleModel, Prediction
+from edge_agent.prediction_log import PendingLog, Run, prediction_rows
 from edge_agent.store import AgentStore, SlotRecord, WriteBatch
 from edge_agent.swap import RESTING
 from edge_agent.swap_events import Commit, HealthStats, Promote, Stage, SwapPhase, is_older
@@ -201,11 +201,11 @@ class Agent:
         # 2**48 up, both under _pending_lock.
         self._next_single = 0
         self._next_batch_id = 1 << 48
-        #: served requests awaiting the writer, in order, and the run single rows extend
-        #: (both under _pending_lock)
-        self._pending: list[_Run | _Pending] = []
-        self._run: _Run | None = None
+        #: served requests awaiting the writer (under _pending_lock)
+        self._log = PendingLog()
         self._pending_lock = threading.Lock()
+        #: set when the pending log asks for a flush before the interval is up
+        self._flush_soon = threading.Event()
         #: one flush at a time: what a flush took is committed before another flush returns
         self._flush_lock = threading.Lock()
         self._feedback: list[tuple[str, float, str, str, int | None, float | None]] = []
@@ -473,10 +473,11 @@ class Agent:
             self.recorder.record_one(loaded.telemetry, now, row, out, score,
                                      (_perf_ns() - t0) / 1000.0)
             with self._pending_lock:  # extend the run of single rows (one stored row per run)
-                run = self._run
+                log = self._log
+                run = log.run
                 if run is None or run.loaded is not loaded:
-                    run = self._run = _Run(self._next_single, now, loaded)
-                    self._pending.append(run)
+                    run = log.run = Run(self._next_single, now, loaded)
+                    log.entries.append(run)
                 first = self._next_single
                 self._next_single = first + 1
                 run.labels.append(pred.labels[0])
@@ -487,12 +488,12 @@ class Agent:
             with self._pending_lock:  # a batch takes a block of ids from its own range
                 first = self._next_batch_id
                 self._next_batch_id += n
-                # labels (or codes to decode them from) for the writer, off the request path;
-                # not the probabilities: they would be held until the flush
-                logged = Prediction(None, None, None, pred.codes, label_text=pred.label_text) \
-                    if pred.label_text is not None else Prediction(pred.labels, None, None)
-                self._pending.append((first, now, loaded, logged, scores))
-                self._run = None
+                # codes (or labels) and scores for the writer, copied into the log's chunks
+                text = pred.label_text
+                flush_soon = self._log.add_batch(first, now, loaded, scores, pred.codes, text,
+                                                 None if text is not None else pred.labels)
+            if flush_soon and not self._flush_soon.is_set():
+                self._flush_soon.set()
         if self._sample_inputs:
             self._sample(first, n, now, loaded, model_in)
         result = PredictResult(loaded.name, loaded.version, first, self.boot, pred)
@@ -508,7 +509,10 @@ class Agent:
         """Stage a batch's features and outputs for the fold; returns its scores (confidence
         or value)."""
         scores = _scores(pred)
-        nonfinite = len(scores) - int(np.count_nonzero(np.isfinite(scores)))
+        # a finite sum means every score is finite (one pass, no temporary array); only a
+        # batch with a NaN or an infinity (or an overflowing sum) is counted row by row
+        nonfinite = 0 if _isfinite(float(scores.sum())) else \
+            len(scores) - int(np.count_nonzero(np.isfinite(scores)))
         if pred.codes is not None:
             self.recorder.record(loaded.telemetry, feats, pred.codes, scores, latency_us,
                                  raw_out_of_range=raw_oor, raw_empty=raw_empty,
@@ -621,13 +625,14 @@ class Agent:
 
     def _take_pending(self) -> WriteBatch:
         with self._pending_lock:
-            pending, self._pending = self._pending, []
-            self._run = None
+            taken = self._log.take()
             feedback, self._feedback = self._feedback, []
             events, self._events = self._events, []
             samples, self._samples = self._samples, []
-        return WriteBatch(predictions=_prediction_rows(self.boot, pending), feedback=feedback,
-                          samples=samples, events=events)
+        rows = prediction_rows(self.boot, taken.entries)  # copies out of the chunks
+        with self._pending_lock:
+            self._log.give_back(taken.chunks)
+        return WriteBatch(predictions=rows, feedback=feedback, samples=samples, events=events)
 
     def _flush_pending_predictions_only(self) -> None:
         # Under the flush lock: a prediction the writer thread has taken but not yet committed
@@ -650,7 +655,11 @@ class Agent:
 
     def _write_loop(self) -> None:
         interval = self.config.telemetry.flush_interval_seconds
-        while not self._stop.wait(interval):
+        while True:
+            self._flush_soon.wait(interval)
+            self._flush_soon.clear()
+            if self._stop.is_set():
+                return
             try:
                 self.flush()
                 self.swap.check_health()
@@ -665,6 +674,7 @@ class Agent:
         if self.sync is not None:  # first: it reads the store that closes below
             self.sync.stop()
         self._stop.set()
+        self._flush_soon.set()
         if self._shadow_thread is not None:
             self._shadow_queue.put(None)
             self._shadow_thread.join(timeout=30)
@@ -694,31 +704,13 @@ class Agent:
                 "sync": None if self.sync is None else self.sync.status()}
 
 
-#: a served batch awaiting the writer: (first id, time, model, labels, scores)
-_Pending = tuple[int, float, LoadedModel, Prediction, np.ndarray]
-
-
-class _Run:
-    """Consecutive single-row requests of one model (ids first..first+n-1), awaiting the writer
-    as one stored row: serving appends a label and a score, the writer takes whole runs."""
-
-    __slots__ = ("first", "labels", "loaded", "scores", "ts")
-
-    def __init__(self, first: int, ts: float, loaded: LoadedModel) -> None:
-        self.first = first
-        self.ts = ts
-        self.loaded = loaded
-        self.labels: list[str] = []
-        self.scores: list[float] = []
-
-
 def _scores(pred: Prediction) -> np.ndarray:
-    """Each row's confidence (its largest probability, NaN if any is NaN) or value, as a new
-    array (the values are the caller's too)."""
+    """Each row's confidence (its largest probability, NaN if any is NaN) or value (the
+    prediction's own array: read here, copied by whatever keeps it)."""
     p = pred.probabilities
     if p is None:
         assert pred.values is not None
-        return pred.values.copy()
+        return pred.values
     if p.ndim != 2 or p.shape[1] > 32:
         return np.asarray(p.max(axis=1))
     # max(axis=1) over a few columns is ~15x slower than a maximum per column (numpy reduces
@@ -727,45 +719,6 @@ def _scores(pred: Prediction) -> np.ndarray:
     for k in range(1, p.shape[1]):
         np.maximum(out, p[:, k], out=out)
     return out
-
-
-_PredictionRow = tuple[str, int, int, float, str, str, str | None, bytes, bytes | None,
-                       str | None]
-
-
-def _prediction_rows(boot: str, pending: list[_Run | _Pending]) -> list[_PredictionRow]:
-    """One predictions row per run of consecutive single-row requests (ids first..first+n-1 of
-    one model), and one per batch: the writer's work stays small however busy serving is. A
-    batch served by its codes is logged by them (see AgentStore's m006): the writer holds the
-    GIL ~1 µs for it, against ~15 µs to build and encode its 1,024 label strings."""
-    rows: list[_PredictionRow] = []
-    label_sets: dict[int, str] = {}
-    for p in pending:
-        if isinstance(p, _Run):
-            rows.append((boot, p.first, len(p.labels), p.ts, p.loaded.name, p.loaded.version,
-                         _json_text(p.labels), np.asarray(p.scores, dtype="<f4").tobytes(),
-                         None, None))
-            continue
-        first, ts, loaded, pred, scores = p
-        scores_blob = np.asarray(scores, dtype="<f4").tobytes()
-        text = pred.label_text
-        if text is not None and pred.codes is not None:
-            label_set = label_sets.get(id(text))
-            if label_set is None:
-                label_set = label_sets[id(text)] = _json_text(text.tolist())
-            width = "<u1" if len(text) <= 256 else "<u2" if len(text) <= 65536 else "<u4"
-            rows.append((boot, first, len(pred), ts, loaded.name, loaded.version, None,
-                         scores_blob, pred.codes.astype(width).tobytes(), label_set))
-        else:
-            rows.append((boot, first, len(pred), ts, loaded.name, loaded.version,
-                         _json_text(pred.labels.tolist()), scores_blob, None, None))
-    return rows
-
-
-def _json_text(labels: list[str]) -> str:
-    """A list of labels as JSON text: orjson, ~6x faster than json.dumps on a 1024-row batch
-    (the writer holds the GIL meanwhile, so serving waits for it)."""
-    return orjson.dumps(labels).decode()
 
 
 def _canary_pick(key: str | None, fraction: float, rng: np.random.Generator) -> bool:

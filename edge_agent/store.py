@@ -207,6 +207,9 @@ class AgentStore:
             migrations.apply(self.db)
         except sqlite3.Error as err:
             raise StoreError(f"cannot migrate agent database {self.path}: {err}") from err
+        #: predictions the log holds (the sum of its rows' n), for keep_predictions
+        self._kept = int(conn.execute("SELECT COALESCE(SUM(n), 0) FROM predictions")
+                         .fetchone()[0])
 
     def _open_checked(self) -> sqlite3.Connection:
         conn = _connect(self.path)
@@ -301,6 +304,31 @@ class AgentStore:
         if self.outbox_quota_bytes is not None:
             outbox.enforce_quota(self.db.conn, self.outbox_quota_bytes, time.time())
 
+    def _trim_predictions(self, conn: sqlite3.Connection) -> None:
+        """Delete the oldest logged rows while the rest still hold keep_predictions
+        predictions (counted by prediction, not by row: one row holds a run of single requests
+        or a stretch of batches, up to 65,536 predictions). Oldest = first inserted (rowid;
+        a clock set back does not make new rows look old)."""
+        excess = self._kept - self.keep_predictions
+        last = None
+        dropped = 0
+        cur = conn.execute("SELECT rowid, n FROM predictions ORDER BY rowid")
+        try:
+            while chunk := cur.fetchmany(256):
+                for rowid, n in chunk:
+                    if dropped + n > excess:
+                        break
+                    dropped += n
+                    last = rowid
+                else:
+                    continue
+                break
+        finally:
+            cur.close()  # no read left open on the table the DELETE changes
+        if last is not None:
+            conn.execute("DELETE FROM predictions WHERE rowid <= ?", [last])
+            self._kept -= dropped
+
     def record_event(self, kind: str, detail: dict[str, Any]) -> None:
         with self._lock, self.db.atomic():
             self._event(time.time(), kind, detail)
@@ -346,9 +374,9 @@ class AgentStore:
             for ts, kind, detail in batch.events:
                 self._event(ts, kind, detail)
             if batch.predictions:
-                conn.execute(
-                    "DELETE FROM predictions WHERE ts < (SELECT ts FROM predictions ORDER BY ts "
-                    "DESC LIMIT 1 OFFSET ?)", [self.keep_predictions])
+                self._kept += sum(row[2] for row in batch.predictions)
+                if self._kept > self.keep_predictions:
+                    self._trim_predictions(conn)
             if any(w.closed for w in batch.windows):
                 conn.execute(
                     "DELETE FROM windows WHERE closed = 1 AND start < (SELECT start FROM windows"

@@ -563,7 +563,7 @@ def test_prediction_log_by_codes_reads_back_each_label(tmp_path: Path, n_labels:
     were logged (no codes columns) keeps its rows through the migration."""
     import sqlite3
 
-    from edge_agent.agent import _prediction_rows, _Run
+    from edge_agent.prediction_log import PendingLog, Run, prediction_rows
     from edge_agent.store import AgentStore, WriteBatch
 
     db = tmp_path / "agent.db"
@@ -582,12 +582,13 @@ def test_prediction_log_by_codes_reads_back_each_label(tmp_path: Path, n_labels:
         name, version = "m", "1.0.0"
 
     loaded: Any = _Loaded()
-    pred = Prediction(None, None, np.zeros(4, np.float32), codes, label_text=text)
-    run = _Run(100, T0, loaded)
+    log = PendingLog()
+    log.add_batch(0, T0, loaded, np.arange(4, dtype=np.float64), codes, text, None)
+    run = log.run = Run(100, T0, loaded)
+    log.entries.append(run)
     run.labels += ["a", "b"]
     run.scores += [0.5, 0.25]
-    rows = _prediction_rows("boot", [(0, T0, loaded, pred, np.arange(4, dtype=np.float32)),
-                                     run])
+    rows = prediction_rows("boot", log.take().entries)
     assert rows[0][6] is None and rows[0][8] is not None
     assert len(rows[0][8]) == 4 * (1 if n_labels < 256 else 2 if n_labels < 65536 else 4)
     store = AgentStore(db)

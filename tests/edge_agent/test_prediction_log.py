@@ -1,0 +1,197 @@
+"""The prediction log's staging (edge_agent.prediction_log) and its retention in the store:
+batches copied into reused chunks, consecutive batches stored as one row that still answers
+per id, an early flush when a burst fills the chunks, retention counted in predictions."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import edge_agent.prediction_log as plog
+from edge_agent.agent import Agent
+from edge_agent.config import AgentConfig, TelemetryConfig
+from edge_agent.prediction_log import (
+    CHUNK_BYTES,
+    MAX_ROW_PREDICTIONS,
+    PendingLog,
+    Run,
+    code_dtype,
+    prediction_rows,
+)
+from edge_agent.store import AgentStore, WriteBatch
+from tests.conftest import make_classification_data
+
+T0 = 1_700_000_000.0
+
+
+class _Loaded:
+    def __init__(self, name: str = "m", version: str = "1.0.0") -> None:
+        self.name, self.version = name, version
+
+
+def _text(n: int) -> np.ndarray:
+    return np.array([f"c{k}" for k in range(n)] + ["?"], dtype=object)
+
+
+def test_batches_are_copied_narrowed_into_chunks_that_are_reused() -> None:
+    """Codes and scores are copies (the caller may reuse its arrays), codes narrowed to the
+    label set's width; chunks given back are the ones the next batches write into."""
+    log = PendingLog()
+    loaded: Any = _Loaded()
+    text = _text(3)
+    codes = np.array([0, 1, 2, 3], dtype=np.int64)
+    scores = np.array([0.5, 0.25, 0.125, 1.0])
+    log.add_batch(0, T0, loaded, scores, codes, text, None)
+    codes[:] = 0
+    scores[:] = 0.0
+    taken = log.take()
+    (entry,) = taken.entries
+    assert not isinstance(entry, Run)
+    assert entry.codes.dtype == np.dtype("<u1")  # type: ignore[union-attr]
+    assert entry.codes.tolist() == [0, 1, 2, 3]  # type: ignore[union-attr]
+    assert entry.scores.dtype == np.dtype("<f4") and entry.scores.tolist() == [0.5, 0.25,
+                                                                               0.125, 1.0]
+    first_chunk = taken.chunks[0]
+    log.give_back(taken.chunks)
+    log.add_batch(4, T0, loaded, scores, codes, text, None)
+    assert log.take().chunks[0] is first_chunk
+    assert code_dtype(256) == np.dtype("<u1") and code_dtype(257) == np.dtype("<u2")
+    assert code_dtype(65537) == np.dtype("<u4")
+
+
+def test_a_burst_asks_for_an_early_flush_and_a_huge_batch_gets_its_own_block() -> None:
+    log = PendingLog()
+    loaded: Any = _Loaded()
+    n = 1024
+    per = 4 * n + n  # scores + 1-byte codes
+    first_of_last = (plog.FLUSH_SOON_CHUNKS - 1) * (CHUNK_BYTES // per)
+    asks = [log.add_batch(k * n, T0, loaded, np.zeros(n), np.zeros(n, np.int64), _text(2), None)
+            for k in range(first_of_last + 1)]
+    assert not any(asks[:-1]) and asks[-1]  # the batch that starts the last chunk asks
+    assert log.chunks_in_use == plog.FLUSH_SOON_CHUNKS
+    big = CHUNK_BYTES // 4 + 1
+    log.add_batch(0, T0, loaded, np.ones(big), None, None, np.array(["x"] * big, dtype=object))
+    taken = log.take()
+    assert taken.chunks[-1].size >= 4 * big
+    log.give_back(taken.chunks)  # the huge block is not kept
+    assert all(c.size == CHUNK_BYTES for c in log._free)
+
+
+@settings(deadline=None, max_examples=60)
+@given(st.lists(st.tuples(st.sampled_from(["batch", "run", "other-model"]),
+                          st.integers(1, 3000)), min_size=1, max_size=25))
+def test_stored_rows_answer_every_id_as_served(tmp_path_factory: pytest.TempPathFactory,
+                                               steps: list[tuple[str, int]]) -> None:
+    """Whatever mix of batches, single-row runs and models: each id reads back its own label
+    and score, and no stored row holds more than MAX_ROW_PREDICTIONS or mixes models."""
+    rng = np.random.default_rng(len(steps))
+    log = PendingLog()
+    models: Any = {"m": _Loaded("m"), "other-model": _Loaded("o")}
+    text = _text(5)
+    expected: dict[int, tuple[str, float]] = {}
+    next_batch = 1 << 48
+    next_single = 0
+    for kind, n in steps:
+        scores = rng.random(n).astype(np.float32)
+        if kind == "run":
+            run = log.run = Run(next_single, T0, models["m"])
+            log.entries.append(run)
+            for k in range(min(n, 50)):
+                run.labels.append("r")
+                run.scores.append(float(scores[k]))
+                expected[next_single] = ("r", float(scores[k]))
+                next_single += 1
+            continue
+        codes = rng.integers(0, len(text), n)
+        loaded = models["m" if kind == "batch" else "other-model"]
+        log.add_batch(next_batch, T0, loaded, scores, codes, text, None)
+        for k in range(n):
+            expected[next_batch + k] = (str(text[codes[k]]), float(scores[k]))
+        next_batch += n
+    rows = prediction_rows("boot", log.take().entries)
+    assert all(r[2] <= MAX_ROW_PREDICTIONS for r in rows)
+    store = AgentStore(tmp_path_factory.mktemp("log") / "agent.db",
+                       keep_predictions=10 ** 9)
+    try:
+        store.write(WriteBatch(predictions=rows))
+        for k in list(expected)[:: max(1, len(expected) // 200)] + list(expected)[-3:]:
+            got = store.prediction(f"boot-{k:x}")
+            assert got is not None, k
+            assert (got["label"], got["score"]) == expected[k]
+    finally:
+        store.close()
+
+
+def test_consecutive_batches_of_one_model_are_one_row_up_to_the_cap() -> None:
+    log = PendingLog()
+    a: Any = _Loaded("a")
+    b: Any = _Loaded("b")
+    text = _text(2)
+    first = 0
+    for loaded in (a, a, a, b, a):
+        log.add_batch(first, T0, loaded, np.zeros(1000), np.zeros(1000, np.int64), text, None)
+        first += 1000
+    rows = prediction_rows("boot", log.take().entries)
+    assert [(r[1], r[2], r[4]) for r in rows] == [(0, 3000, "a"), (3000, 1000, "b"),
+                                                  (4000, 1000, "a")]
+    assert len(rows[0][7]) == 4 * 3000 and len(rows[0][8]) == 3000  # type: ignore[arg-type]
+    n = MAX_ROW_PREDICTIONS // 2 + 1
+    for k in range(3):
+        log.add_batch(k * n, T0, a, np.zeros(n), np.zeros(n, np.int64), text, None)
+    assert [r[2] for r in prediction_rows("boot", log.take().entries)] == [n, n, n]
+
+
+def test_retention_counts_predictions_not_rows(tmp_path: Path) -> None:
+    """keep_predictions bounds the predictions kept, however many each row holds; the oldest
+    rows go first, and the count survives a reopen."""
+    db = tmp_path / "agent.db"
+    store = AgentStore(db, keep_predictions=2500)
+    try:
+        for k in range(6):
+            row = ("boot", k * 1000, 1000, T0 + k, "m", "1", None,
+                   np.zeros(1000, "<f4").tobytes(), np.zeros(1000, "<u1").tobytes(), '["x"]')
+            store.write(WriteBatch(predictions=[row]))
+            kept = [r[0] for r in store.db.execute("SELECT first FROM predictions ORDER BY first")]
+            total = 1000 * len(kept)
+            assert total >= min(2500, 1000 * (k + 1)) and total - 1000 < 2500
+            assert kept == sorted(kept) and kept[-1] == k * 1000
+    finally:
+        store.close()
+    store = AgentStore(db, keep_predictions=1000)
+    try:
+        store.write(WriteBatch(predictions=[("boot", 6000, 10, T0 + 6, "m", "1", '["x"]' * 0
+                                             + '["x","x","x","x","x","x","x","x","x","x"]',
+                                             np.zeros(10, "<f4").tobytes(), None, None)]))
+        ns = [r[0] for r in store.db.execute("SELECT n FROM predictions ORDER BY rowid")]
+        assert ns == [1000, 10]  # 1,010 >= 1,000, and dropping the oldest would leave 10
+    finally:
+        store.close()
+
+
+def test_a_burst_of_batches_is_flushed_before_the_interval(tmp_path: Path, keypair: Any,
+                                                           small_bundle: Any,
+                                                           monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """With a 60 s flush interval, batches filling FLUSH_SOON_CHUNKS chunks wake the writer:
+    their predictions are in the database long before the interval is up."""
+    monkeypatch.setattr(plog, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(plog, "FLUSH_SOON_CHUNKS", 2)
+    config = AgentConfig(data_dir=tmp_path / "agent", trusted_keys=(keypair.public_path,),
+                         bundle=small_bundle.path,
+                         telemetry=TelemetryConfig(flush_interval_seconds=60))
+    X, _ = make_classification_data(n=400, d=6, seed=3)
+    with Agent(config) as agent:
+        results = [agent.predict(np.ascontiguousarray(X[:400], dtype=np.float32))
+                   for _ in range(6)]
+        deadline = time.monotonic() + 20
+        while agent.store.count("predictions") == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert agent.store.count("predictions") > 0
+        got = agent.store.prediction(results[0].ids[-1])
+        assert got is not None and got["label"] == results[0].labels[-1]
