@@ -488,10 +488,12 @@ class Agent:
             with self._pending_lock:  # a batch takes a block of ids from its own range
                 first = self._next_batch_id
                 self._next_batch_id += n
-                # codes (or labels) and scores for the writer, copied into the log's chunks
+                # codes (or labels) and scores for the writer, copied into the log's chunks; a
+                # regressor's scores are its values, its labels their text: not logged twice
                 text = pred.label_text
-                flush_soon = self._log.add_batch(first, now, loaded, scores, pred.codes, text,
-                                                 None if text is not None else pred.labels)
+                flush_soon = self._log.add_batch(
+                    first, now, loaded, scores, pred.codes, text,
+                    None if text is not None or pred.values is not None else pred.labels)
             if flush_soon and not self._flush_soon.is_set():
                 self._flush_soon.set()
         if self._sample_inputs:
@@ -558,8 +560,12 @@ class Agent:
             self.recorder.record_error(green.telemetry)
             return
         self._record_batch(green, feats, pred, latency_us, 0, 0)
-        self.recorder.record_agreement(green.telemetry, blue_result.labels,
-                                       blue_result.values, pred.labels, pred.values)
+        if blue_result.values is not None and pred.values is not None:  # regressors
+            self.recorder.record_agreement(green.telemetry, None, blue_result.values, None,
+                                           pred.values)
+        else:
+            self.recorder.record_agreement(green.telemetry, blue_result.labels, None,
+                                           pred.labels, None)
 
     def _sample(self, first: int, n: int, now: float, loaded: LoadedModel,
                 model_in: Any) -> None:

@@ -30,9 +30,11 @@ class Prediction:
     """Outputs for a batch: labels as strings; probabilities (classifier) or values.
 
     ``labels`` (object array of str, shape (n,)) may be given as None with ``codes`` and
-    ``label_text`` (the text of each code): they are then decoded when first read. A batch of
+    ``label_text`` (the text of each code), or with a regressor's ``values`` (a value's label
+    is its text, ``str`` of the float32): they are then made when first read. A batch of
     integer classes is served by its codes (sketches, the prediction log); the object array of
-    1,024 strings costs ~5 µs and 8 KiB that most batches never need.
+    1,024 strings costs ~5 µs and 8 KiB that most batches never need. A regressor's 1,024
+    value strings cost ~450 µs, several times the inference.
     """
 
     __slots__ = ("_label_text", "_labels", "codes", "probabilities", "values")
@@ -40,8 +42,9 @@ class Prediction:
     def __init__(self, labels: np.ndarray | None, probabilities: np.ndarray | None,
                  values: np.ndarray | None, codes: np.ndarray | None = None, *,
                  label_text: np.ndarray | None = None) -> None:
-        if labels is None and (codes is None or label_text is None):
-            raise ValueError("a Prediction without labels needs codes and label_text")
+        if labels is None and (codes is None or label_text is None) and values is None:
+            raise ValueError("a Prediction without labels needs codes and label_text, or "
+                             "values")
         self._labels = labels
         self._label_text = label_text
         #: float32 (n, n_classes) for classifiers
@@ -59,15 +62,20 @@ class Prediction:
     @property
     def labels(self) -> np.ndarray:
         if self._labels is None:
-            assert self.codes is not None and self._label_text is not None
-            self._labels = self._label_text.take(self.codes)
+            if self.codes is not None and self._label_text is not None:
+                self._labels = self._label_text.take(self.codes)
+            else:
+                assert self.values is not None
+                self._labels = self.values.astype(str).astype(object)
         return self._labels
 
     def __len__(self) -> int:
         if self._labels is not None:
             return len(self._labels)
-        assert self.codes is not None
-        return len(self.codes)
+        if self.codes is not None:
+            return len(self.codes)
+        assert self.values is not None
+        return len(self.values)
 
 
 @dataclass(frozen=True)
@@ -371,8 +379,7 @@ class BundleModel:
                 return Prediction(None, outs[1], None, codes, label_text=self._label_text)
             labels, codes = self._decode_labels(raw.ravel())
             return Prediction(labels, outs[1], None, codes)
-        values = np.asarray(outs[0], dtype=np.float32).reshape(-1)
-        return Prediction(values.astype(str).astype(object), None, values)
+        return Prediction(None, None, np.asarray(outs[0], dtype=np.float32).reshape(-1))
 
     def _decode_codes(self, raw: np.ndarray) -> np.ndarray | None:
         """Codes of a batch of integer classes (more than 16 rows) without building their

@@ -111,7 +111,9 @@ class PendingLog:
                   codes: np.ndarray | None, label_text: np.ndarray | None,
                   labels: np.ndarray | None) -> bool:
         """Log a batch: ``scores`` (any float dtype, stored as float32) and, for integer
-        classes, ``codes`` into ``label_text``; else ``labels``. The arrays are copied.
+        classes, ``codes`` into ``label_text``; else ``labels`` (None for a regressor: its
+        scores are its float32 values, and a value's label is their text). The arrays are
+        copied.
         Returns whether the writer should flush now (the chunks in use reached
         FLUSH_SOON_CHUNKS)."""
         n = len(scores)
@@ -194,7 +196,8 @@ def prediction_rows(boot: str, entries: list[Run | _Batch]) -> list[PredictionRo
         while i < n_entries:
             q = entries[i]
             if (isinstance(q, Run) or q.loaded is not p.loaded or q.label_text is not p.label_text
-                    or (q.codes is None) != (p.codes is None) or q.first != p.first + total
+                    or (q.codes is None) != (p.codes is None)
+                    or (q.labels is None) != (p.labels is None) or q.first != p.first + total
                     or total + len(q.scores) > MAX_ROW_PREDICTIONS):
                 break
             stretch.append(q)
@@ -209,6 +212,9 @@ def prediction_rows(boot: str, entries: list[Run | _Batch]) -> list[PredictionRo
             codes = b"".join([b.codes.data for b in stretch if b.codes is not None])
             rows.append((boot, p.first, total, p.ts, p.loaded.name, p.loaded.version, None,
                          scores, codes, label_set))
+        elif p.labels is None:  # a regressor's: its labels are the text of its scores
+            rows.append((boot, p.first, total, p.ts, p.loaded.name, p.loaded.version, None,
+                         scores, None, None))
         else:
             labels: list[str] = []
             for b in stretch:

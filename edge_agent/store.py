@@ -50,8 +50,9 @@ def m001_initial(db: Database) -> None:
         "rows": int, "updated_at": float,
     }, pk=("start", "model_name", "model_version"))
     db.table("windows").create_index(["closed", "start"])
-    # One row per request (a batch of n rows shares it): ids are "<boot>-<hex counter>", so a
-    # prediction id finds its row by (boot, first <= k < first + n). Outputs only, no inputs.
+    # One row per run of single requests or stretch of batches (edge_agent.prediction_log):
+    # ids are "<boot>-<hex counter>", so a prediction id finds its row by
+    # (boot, first <= k < first + n). Outputs only, no inputs.
     db.table("predictions").create({"boot": str, "first": int, "n": int, "ts": float,
                               "model_name": str, "model_version": str, "labels": str,
                               "scores": bytes}, pk=("boot", "first"))
@@ -428,12 +429,15 @@ class AgentStore:
         if row is None or not row[0] <= k < row[0] + row[1]:
             return None
         i = k - row[0]
+        score32 = np.frombuffer(row[5], dtype="<f4")[i]
         if row[6] is not None:
             code = int(np.frombuffer(row[6], dtype=_CODE_DTYPES[len(row[6]) // row[1]])[i])
             label = json.loads(row[7])[code]
-        else:
+        elif row[4] is not None:
             label = json.loads(row[4])[i]
-        score = float(np.frombuffer(row[5], dtype="<f4")[i])
+        else:  # a regressor's batch: the label is the text of the float32 value
+            label = str(np.float32(score32))
+        score = float(score32)
         return {"model_name": row[2], "model_version": row[3], "label": label, "score": score}
 
     def has_feedback(self, prediction_id: str) -> bool:

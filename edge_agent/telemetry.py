@@ -597,17 +597,21 @@ class TelemetryRecorder:
         with self._lock:
             self._window(model.key, self.clock()).shadow_dropped += 1
 
-    def record_agreement(self, green: ModelTelemetry, blue_labels: np.ndarray,
-                         blue_values: np.ndarray | None, green_labels: np.ndarray,
+    def record_agreement(self, green: ModelTelemetry, blue_labels: np.ndarray | None,
+                         blue_values: np.ndarray | None, green_labels: np.ndarray | None,
                          green_values: np.ndarray | None) -> None:
-        """Shadow evidence on green's window: label agreement, or |value difference|."""
-        n = min(len(blue_labels), len(green_labels))
+        """Shadow evidence on green's window: |value difference| when both have values (the
+        labels are then not needed), else label agreement."""
         if blue_values is not None and green_values is not None:
+            n = min(len(blue_values), len(green_values))
             diff = np.abs(np.asarray(blue_values[:n], dtype=np.float64)
                           - np.asarray(green_values[:n], dtype=np.float64))
             agreed = int(np.sum(diff <= 1e-6 * np.maximum(1.0, np.abs(blue_values[:n]))))
             abs_diff = float(np.nansum(diff))
         else:
+            if blue_labels is None or green_labels is None:
+                raise AgentError("record_agreement needs both values or both labels")
+            n = min(len(blue_labels), len(green_labels))
             agreed = int(np.sum(blue_labels[:n] == green_labels[:n]))
             abs_diff = 0.0
         with self._lock:

@@ -195,3 +195,32 @@ def test_a_burst_of_batches_is_flushed_before_the_interval(tmp_path: Path, keypa
         assert agent.store.count("predictions") > 0
         got = agent.store.prediction(results[0].ids[-1])
         assert got is not None and got["label"] == results[0].labels[-1]
+
+
+def test_a_regressor_batch_is_logged_by_its_values_and_labels_are_made_when_read(
+        tmp_path: Path, keypair: Any, regressor_bundle: Any) -> None:
+    """A regressor's batch is served without building its value strings (they cost several
+    times the inference) and logged by its float32 values alone; its labels, when read, and
+    each id's stored label are the values' text, as before."""
+    from tests.conftest import make_regression_data
+
+    config = AgentConfig(data_dir=tmp_path / "agent", trusted_keys=(keypair.public_path,),
+                         bundle=regressor_bundle.path)
+    X, _ = make_regression_data(n=300, d=4, seed=5)
+    with Agent(config, start_writer=False) as agent:
+        result = agent.predict(np.ascontiguousarray(X, dtype=np.float32))
+        assert result.prediction._labels is None  # nothing built yet
+        single = agent.predict(np.ascontiguousarray(X[0], dtype=np.float32))
+        agent.flush()
+        rows = agent.store.db.execute("SELECT n, labels, codes FROM predictions "
+                                      "ORDER BY first DESC").fetchall()
+        assert (rows[0][0], rows[0][1], rows[0][2]) == (300, None, None)
+        values = result.values
+        assert values is not None
+        assert result.labels.tolist() == values.astype(str).tolist()
+        for i in (0, 1, 150, 299):
+            got = agent.store.prediction(result.ids[i])
+            assert got is not None
+            assert got["label"] == str(values[i]) and got["score"] == float(values[i])
+        got = agent.store.prediction(single.id)
+        assert got is not None and got["label"] == single.labels[0]
