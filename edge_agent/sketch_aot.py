@@ -198,11 +198,19 @@ def build(cache_dir: Path) -> BuildResult:
     warmup`` does for the sketch kernels); never raises for a failed build: ``error`` says why.
 
     The file is written atomically (temp file, fsync, rename), so a power cut leaves either no
-    build or a whole one; older builds in the folder are deleted after a successful one.
+    build or a whole one; older builds in the folder are deleted after a successful one. A file
+    already there that :func:`load` would refuse (it does not import, or others could have
+    written it) is built again, so warmup leaves a build the agent uses.
     """
     path = build_path(cache_dir)
     if path.exists():
-        return BuildResult(path, built=False, seconds=0.0)
+        unusable = _untrusted(path) or _import_problem(path)
+        if unusable is None:
+            return BuildResult(path, built=False, seconds=0.0)
+        log.warning("sketch kernels: building %s again (the file there is not used: %s)",
+                    path, unusable)
+        with contextlib.suppress(OSError):
+            path.unlink()
     problem = toolchain_problem()
     if problem is not None:
         log.info("sketch kernels not built ahead of time: %s", problem)  # the caller reports
@@ -338,6 +346,26 @@ def _untrusted(path: Path) -> str | None:
     return None
 
 
+def _import(path: Path) -> Any:
+    """The build at ``path`` as a module, imported by file path (ImportError, OSError)."""
+    name = path.name.removesuffix(".so")
+    loader = importlib.machinery.ExtensionFileLoader(name, str(path))
+    spec = importlib.util.spec_from_loader(name, loader, origin=str(path))
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def _import_problem(path: Path) -> str | None:
+    """Why the build at ``path`` does not import as an AotKernel, or None."""
+    try:
+        AotKernel(path, _import(path))
+    except (ImportError, OSError, AttributeError) as err:
+        return f"it does not import: {type(err).__name__}: {err}"
+    return None
+
+
 def load(cache_dir: Path) -> AotKernel | None:
     """The build for this process's key under ``cache_dir``, imported by file path; None (and
     one log line saying why) when there is none or it does not import."""
@@ -351,14 +379,8 @@ def load(cache_dir: Path) -> AotKernel | None:
         log.warning("sketch kernels: numba's JIT (the ahead-of-time build %s is not loaded: "
                     "%s)", path, unsafe)
         return None
-    name = path.name.removesuffix(".so")
     try:
-        loader = importlib.machinery.ExtensionFileLoader(name, str(path))
-        spec = importlib.util.spec_from_loader(name, loader, origin=str(path))
-        assert spec is not None
-        module = importlib.util.module_from_spec(spec)
-        loader.exec_module(module)
-        kernel = AotKernel(path, module)
+        kernel = AotKernel(path, _import(path))
     except (ImportError, OSError) as err:
         log.warning("sketch kernels: numba's JIT (the ahead-of-time build %s does not import: "
                     "%s; delete it and run `edgefleet agent warmup`)", path, err)

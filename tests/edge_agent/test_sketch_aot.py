@@ -167,6 +167,35 @@ def test_build_is_kept_and_replaces_older_builds(built: Built) -> None:
     assert [p.name for p in (built.cache_dir / "aot").iterdir()] == [built.result.path.name]
 
 
+def test_a_build_file_the_agent_would_refuse_is_built_again(
+        built: Built, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """warmup does not take a file under the build's name for done when load() would refuse
+    it (truncated, another machine's, writable by others): it builds again, and the agent then
+    loads the build. (The compile itself is the module's build, copied: this is about when
+    warmup compiles.)"""
+    import shutil
+
+    compiled: list[str] = []
+
+    def fake_compile(name: str, out_dir: Path) -> None:
+        compiled.append(name)
+        shutil.copy2(built.result.path, out_dir / f"{name}.so")
+
+    monkeypatch.setattr(sketch_aot, "_compile", fake_compile)
+    path = sketch_aot.build_path(tmp_path)
+    path.parent.mkdir(mode=0o755)
+    path.write_bytes(b"\x7fELF truncated")
+    with caplog.at_level(logging.WARNING, logger="edge_agent.sketch_aot"):
+        result = sketch_aot.build(tmp_path)
+    assert result.built and len(compiled) == 1 and "does not import" in caplog.text
+    assert sketch_aot.load(tmp_path) is not None
+    assert not sketch_aot.build(tmp_path).built and len(compiled) == 1  # now it is done
+    path.chmod(0o666)
+    assert sketch_aot.build(tmp_path).built and len(compiled) == 2
+    assert path.stat().st_mode & 0o022 == 0 and sketch_aot.load(tmp_path) is not None
+
+
 def test_missing_compiler_is_reported_not_raised(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a C compiler the build says which one is missing, before compiling anything,
