@@ -661,11 +661,21 @@ class Agent:
 
     def _write_loop(self) -> None:
         interval = self.config.telemetry.flush_interval_seconds
+        due = time.monotonic() + interval
         while True:
-            self._flush_soon.wait(interval)
+            early = self._flush_soon.wait(max(0.0, due - time.monotonic()))
             self._flush_soon.clear()
             if self._stop.is_set():
                 return
+            if early and time.monotonic() < due:
+                # a burst filled the prediction log's chunks: write those alone (windows are
+                # checkpointed at the interval, not at every burst)
+                try:
+                    self._flush_pending_predictions_only()
+                except Exception:
+                    log.exception("writer flush of the prediction log failed")
+                continue
+            due = time.monotonic() + interval
             try:
                 self.flush()
                 self.swap.check_health()

@@ -179,7 +179,8 @@ def test_a_burst_of_batches_is_flushed_before_the_interval(tmp_path: Path, keypa
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
     """With a 60 s flush interval, batches filling FLUSH_SOON_CHUNKS chunks wake the writer:
-    their predictions are in the database long before the interval is up."""
+    their predictions are in the database long before the interval is up (the windows wait
+    for it)."""
     monkeypatch.setattr(plog, "CHUNK_BYTES", 4096)
     monkeypatch.setattr(plog, "FLUSH_SOON_CHUNKS", 2)
     config = AgentConfig(data_dir=tmp_path / "agent", trusted_keys=(keypair.public_path,),
@@ -193,6 +194,7 @@ def test_a_burst_of_batches_is_flushed_before_the_interval(tmp_path: Path, keypa
         while agent.store.count("predictions") == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert agent.store.count("predictions") > 0
+        assert agent.store.count("windows") == 0  # checkpointed at the interval, not per burst
         got = agent.store.prediction(results[0].ids[-1])
         assert got is not None and got["label"] == results[0].labels[-1]
 
