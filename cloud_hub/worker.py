@@ -809,6 +809,12 @@ class HubWorker:
             self._stopped()
         self._accepting = True
         self._commit_idle.set()
+        decode = getattr(self.store, "decode", None)
+        if callable(decode):
+            # the decoders load now (HubStore imports cloud_hub.ingest, its SQL and msgspec
+            # types on first use), not while the first batch waits: measured, that import
+            # held the first messages for 0.1-0.5 s
+            decode([])
         if self._wake_r is None:
             self._wake_r, self._wake_w = socket.socketpair()
             self._wake_r.setblocking(False)
