@@ -2,7 +2,9 @@
 
 Two steps. :func:`decode_batch` is pure: each payload goes through
 ``fleet_protocol.messages.decode_for_topic`` (size before parsing, strict models, protocol
-version, the envelope's device equal to the topic's) and every window's two sketches through
+version, the envelope's device equal to the topic's; a telemetry envelope of windows first
+through :mod:`cloud_hub.envelope_fast`, which returns the model's result or leaves the
+envelope to the model) and every window's two sketches through
 :mod:`cloud_hub.sketch_check` (self-describing header, canonical varints, no trailing bytes). A
 message that fails becomes a :class:`Rejection` — counted, logged with its device id, stored in
 ``rejections`` — never an exception, and never half written: a bad sketch refuses its whole
@@ -51,6 +53,7 @@ from sqlalchemy.engine import Connection
 
 from cloud_hub import ingest_sql
 from cloud_hub import store as tables
+from cloud_hub.envelope_fast import decode_envelope
 from cloud_hub.ingest_sql import IngestSql
 from cloud_hub.sketch_check import bad_sketches
 from fleet_protocol import topics
@@ -156,7 +159,8 @@ def _decode_one(topic: str, payload: bytes) -> BaseMessage | Rejection:
         return Rejection(device, topic, "oversized", f"{kind} payload of {size} bytes is over "
                          f"the {limit} bytes allowed; refused unread", size)
     try:
-        return decode_for_topic(topic, payload, parsed=(device, kind))
+        return decode_for_topic(topic, payload, parsed=(device, kind),
+                                fast=decode_envelope if kind == "telemetry" else None)
     except MessageError as err:
         why = _classify(err)
         key = envelope_key(payload) if why in MARKED_KINDS and kind == "telemetry" else None
