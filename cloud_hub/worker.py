@@ -49,7 +49,9 @@ Delivery (DESIGN, "Delivery and durability"), and why each choice:
   again among the group, so its gaps fill over a few resend rounds.
 - **Bounded queue, bounded in flight, bounded packets.** MQTT 5's Receive Maximum
   (``inflight``) caps how many unacknowledged messages the broker sends, and the inbox holds at
-  least that many, so the network thread never waits. With 3.1.1 the broker's own limit
+  least that many, so the network thread need not wait (though Mosquitto 2.0.11 was measured
+  sending ~3x past it once PUBACKs flow: then the inbox fills and the back-pressure below
+  applies; nothing is lost). With 3.1.1 the broker's own limit
   applies (Mosquitto's ``max_inflight_messages``); if the inbox ever fills, the network thread
   waits, which stops reading from the socket (back-pressure) rather than dropping a message;
   meanwhile it keeps pinging, and does not take the unread PINGRESP for a dead broker. No
