@@ -5,8 +5,9 @@ telemetry envelopes at QoS 1, each one closed 5-minute window of 16 feature sket
 agent's metrics, from many device ids); then, in turn and in the same run:
 
 - a bare paho subscriber that only counts the messages (the baseline: what one Python MQTT
-  client receives from this broker on this machine);
-- one hub worker storing into SQLite, then into PostgreSQL (when a URL is given);
+  client receives from this broker on this machine), then one hub worker storing into SQLite:
+  three such rounds, the ratio taken within each round and the median round reported;
+- one hub worker storing into PostgreSQL (when a URL is given);
 - two hub workers on one shared subscription, with the split between them.
 
 Each rate is messages / seconds from the first publish to the last message counted (or stored).
@@ -364,6 +365,10 @@ def bytes_per_device_hour(folder: Path, rate: float = 10.0, window_seconds: floa
     return int(sent / hours), int(raw / hours), int(messages / hours)
 
 
+#: alternating (bare subscriber, hub on SQLite) rounds; the median round's ratio is reported
+ROUNDS = 3
+
+
 def _fmt_rate(r: float) -> str:
     return f"{r:,.0f} msg/s"
 
@@ -392,15 +397,24 @@ def hub_bench(messages: int, devices: int, postgres_url: str | None,
         folder = Path(tmp)
         with MosquittoProcess(folder / "broker", persistence=False) as broker:
             pfile = save_payloads(payloads, folder / "payloads.bin")
-            base = bare_subscriber_rate(broker.port, payloads, pfile)
-            echo(f"  bare paho subscriber: {_fmt_rate(base)}")
-            # fresh device ids for every run: each store starts empty anyway
-            sqlite_rate, _ = hub_rate(broker.port, payloads, pfile,
-                                      [f"sqlite:///{folder / 'hub1.db'}"], group="one")
-            echo(f"  hub, one worker, SQLite: {_fmt_rate(sqlite_rate)}")
+            # The bare subscriber's rate is the load generator's (one paho process at ~1 core)
+            # and moves 9.7-14k msg/s from run to run here: so ROUNDS alternating rounds of
+            # (bare, hub), each ratio taken within its round, and the median round reported.
+            rounds: list[tuple[float, float]] = []
+            for r in range(ROUNDS):
+                base = bare_subscriber_rate(broker.port, payloads, pfile)
+                # the same device ids every run: each store starts empty
+                rate, _ = hub_rate(broker.port, payloads, pfile,
+                                   [f"sqlite:///{folder / f'hub1-{r}.db'}"], group="one")
+                rounds.append((rate, base))
+                echo(f"  round {r + 1}: bare paho subscriber {_fmt_rate(base)}, hub one worker "
+                     f"SQLite {_fmt_rate(rate)} = {rate / base:.2f}x")
+            sqlite_rate, base = sorted(rounds, key=lambda rb: rb[0] / rb[1])[ROUNDS // 2]
             rows.append(Check("ingest 1 worker SQLite / bare subscriber",
                             f"{_fmt_rate(sqlite_rate)} / {_fmt_rate(base)} = "
-                            f"{sqlite_rate / base:.2f}x", ">= 0.7x", sqlite_rate / base >= 0.7))
+                            f"{sqlite_rate / base:.2f}x (median of "
+                            + ", ".join(f"{r / b:.2f}" for r, b in rounds) + ")",
+                            ">= 0.7x", sqlite_rate / base >= 0.7))
             if postgres_url:
                 from cloud_hub.pgtest import fresh_database
 
