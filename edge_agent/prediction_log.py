@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
+from edge_agent.store import PredictionRow
+
 if TYPE_CHECKING:
     from edge_agent.agent import LoadedModel
 
@@ -38,9 +40,6 @@ FLUSH_SOON_CHUNKS = 16
 KEEP_FREE_CHUNKS = 24
 _ALIGN = 8
 
-#: (boot, first, n, ts, model name, version, labels JSON, scores, codes, label set JSON)
-PredictionRow = tuple[str, int, int, float, str, str, str | None, bytes, bytes | None,
-                      str | None]
 
 
 _U1, _U2, _U4, _F4 = np.dtype("<u1"), np.dtype("<u2"), np.dtype("<u4"), np.dtype("<f4")

@@ -174,6 +174,30 @@ def test_retention_counts_predictions_not_rows(tmp_path: Path) -> None:
         store.close()
 
 
+def test_rows_retention_would_delete_at_once_are_not_written(tmp_path: Path) -> None:
+    """A flush holding more than keep_predictions writes only the newest rows that retention
+    keeps: the same table as writing all and trimming, without the writes."""
+
+    def row(k: int) -> Any:
+        return ("boot", k * 1000, 1000, T0 + k, "m", "1", None,
+                np.full(1000, k, "<f4").tobytes(), np.zeros(1000, "<u1").tobytes(), '["x"]')
+
+    store = AgentStore(tmp_path / "agent.db", keep_predictions=2500)
+    try:
+        written: list[int] = []
+        store.db.conn.set_trace_callback(
+            lambda sql: written.append(1) if sql.startswith("INSERT OR IGNORE INTO pred") else None)
+        store.write(WriteBatch(predictions=[row(k) for k in range(6)]))
+        assert len(written) == 3  # rows 3, 4, 5: 3,000 >= 2,500; without row 3, 2,000 < 2,500
+        kept = [r[0] for r in store.db.execute("SELECT first FROM predictions ORDER BY first")]
+        assert kept == [3000, 4000, 5000]
+        got = store.prediction("boot-" + format(5999, "x"))
+        assert got is not None and got["score"] == 5.0
+        assert store.prediction("boot-" + format(2999, "x")) is None
+    finally:
+        store.close()
+
+
 def test_a_burst_of_batches_is_flushed_before_the_interval(tmp_path: Path, keypair: Any,
                                                            small_bundle: Any,
                                                            monkeypatch: pytest.MonkeyPatch
