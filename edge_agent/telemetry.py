@@ -7,7 +7,8 @@ sketching happens on a fold thread, off the request path:
   score, latency) to a deque, without a lock; every SINGLES_DRAIN requests (and before a batch
   or a flush) they move to their windows, and each full block of BUFFER_ROWS rows of a window
   is counted and copied into the window's *stage*, as one batch (what is left at a flush
-  too);
+  too); the request whose rows fill a stage folds the queue itself, once per ``stage_rows``
+  single requests (a tail of one slow request instead of a burst of slowed ones);
 - a batch request is counted and copied into its window's stage, as one batch;
 - a full stage (``stage_rows``) goes to the fold queue, which the fold thread empties with one
   numba call per sketch (:func:`~edge_agent.sketching.update_sketch_segments`, GIL released).
@@ -416,8 +417,17 @@ class TelemetryRecorder:
         singles.append((model, now, row, out, score, latency_us))
         if len(singles) >= SINGLES_DRAIN:
             with self._lock:
+                queued = self._rows_queued
                 self._take_singles()
-            self._after_staging()
+                filled = self._rows_queued != queued
+            if filled and self._use_thread:
+                # A stage of single rows is full: fold it here (~0.25 ms, once per STAGE_ROWS
+                # single requests) rather than wake the fold thread. Woken, it folded while
+                # requests went on and slowed a burst of them around each fold, measured as
+                # p99 +12% on a 2-core VM (14.5-15.4 vs 12.4-13.8 µs for a logistic row).
+                self._fold_until(0)
+            else:
+                self._after_staging()
 
     def _take_singles(self) -> None:
         """Move the single-row requests into their windows' buffers, and stage every full

@@ -261,6 +261,30 @@ def test_background_and_inline_folding_commit_the_same_bits(make_agent: Any) -> 
     assert inline.recorder.inline_folds > 0
 
 
+def test_the_single_request_that_fills_a_stage_folds_it_without_the_fold_thread(
+        make_agent: Any) -> None:
+    """Single rows never wake the fold thread: the request whose drain fills a stage folds the
+    queue itself (one slow request per stage, not a burst of requests slowed by a fold running
+    beside them); batches still go to the thread. The sketches are the synchronous ones."""
+    from edge_agent.telemetry import SINGLES_DRAIN
+
+    agent = make_agent(stage_rows=2 * SINGLES_DRAIN)
+    rec = agent.recorder
+    ref = Reference(agent)
+    X = _rows(4 * SINGLES_DRAIN)
+    for k, row in enumerate(X):
+        ref.served(row, agent.predict(row))
+        if (k + 1) % (2 * SINGLES_DRAIN) == 0:  # this request's drain filled a stage
+            assert rec._rows_folded == rec._rows_queued == k + 1
+    assert rec._thread is None and rec.inline_folds == 0
+    batch = _rows(3 * SINGLES_DRAIN, seed=1)
+    ref.served(batch, agent.predict(batch))
+    assert rec._thread is not None  # a full stage of a batch: the thread folds it
+    agent.flush()
+    ref.flushed()
+    _assert_committed_equals(agent, ref)
+
+
 def test_caller_reusing_its_arrays_does_not_change_the_sketches(make_agent: Any) -> None:
     """Rows are copied when served: overwriting the request's array afterwards (callers reuse
     buffers) changes nothing that is folded later."""
