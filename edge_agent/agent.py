@@ -560,12 +560,7 @@ class Agent:
             self.recorder.record_error(green.telemetry)
             return
         self._record_batch(green, feats, pred, latency_us, 0, 0)
-        if blue_result.values is not None and pred.values is not None:  # regressors
-            self.recorder.record_agreement(green.telemetry, None, blue_result.values, None,
-                                           pred.values)
-        else:
-            self.recorder.record_agreement(green.telemetry, blue_result.labels, None,
-                                           pred.labels, None)
+        self.recorder.record_agreement(green.telemetry, blue_result.prediction, pred)
 
     def _sample(self, first: int, n: int, now: float, loaded: LoadedModel,
                 model_in: Any) -> None:

@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from edge_agent.store import WindowRow
 from fleet_protocol.layouts import layouts_of
 from fleet_protocol.manifest import BundleManifest
 from fleet_protocol.sketch import Sketch, SketchLayout
+
+if TYPE_CHECKING:
+    from edge_agent.model import Prediction
 
 __all__ = ["FOLD_QUEUE_ROWS", "STAGE_ROWS", "ModelTelemetry", "ModelWindow", "TelemetryRecorder",
            "layouts_of"]
@@ -607,11 +610,11 @@ class TelemetryRecorder:
         with self._lock:
             self._window(model.key, self.clock()).shadow_dropped += 1
 
-    def record_agreement(self, green: ModelTelemetry, blue_labels: np.ndarray | None,
-                         blue_values: np.ndarray | None, green_labels: np.ndarray | None,
-                         green_values: np.ndarray | None) -> None:
-        """Shadow evidence on green's window: |value difference| when both have values (the
-        labels are then not needed), else label agreement."""
+    def record_agreement(self, green: ModelTelemetry, blue: Prediction,
+                         candidate: Prediction) -> None:
+        """Shadow evidence on green's window: |value difference| when both answer values
+        (their labels, the values' text, are then never built), else label agreement."""
+        blue_values, green_values = blue.values, candidate.values
         if blue_values is not None and green_values is not None:
             n = min(len(blue_values), len(green_values))
             diff = np.abs(np.asarray(blue_values[:n], dtype=np.float64)
@@ -619,8 +622,7 @@ class TelemetryRecorder:
             agreed = int(np.sum(diff <= 1e-6 * np.maximum(1.0, np.abs(blue_values[:n]))))
             abs_diff = float(np.nansum(diff))
         else:
-            if blue_labels is None or green_labels is None:
-                raise AgentError("record_agreement needs both values or both labels")
+            blue_labels, green_labels = blue.labels, candidate.labels
             n = min(len(blue_labels), len(green_labels))
             agreed = int(np.sum(blue_labels[:n] == green_labels[:n]))
             abs_diff = 0.0
