@@ -50,7 +50,7 @@ from edge_agent.errors import (
     InputError,
     NotReadyError,
 )
-from edge_agent.model import BundleModel, Prediction
+from edge_agent.model import BundleModel, Prediction, row_scores
 from edge_agent.prediction_log import PendingLog, Run, prediction_rows
 from edge_agent.store import AgentStore, SlotRecord, WriteBatch
 from edge_agent.swap import RESTING
@@ -482,6 +482,14 @@ class Agent:
                 self._next_single = first + 1
                 run.labels.append(pred.labels[0])
                 run.scores.append(score)
+        elif pred.raw_labels is not None:
+            # codes undecoded: the fold decodes them, for the sketches and the log entry
+            first, flush_soon = self.recorder.record_deferred(
+                loaded.telemetry, feats, pred, (_perf_ns() - t0) / 1000.0,
+                functools.partial(self._reserve_batch, loaded, now, pred.label_text),
+                raw_out_of_range=raw_oor, raw_empty=raw_empty)
+            if flush_soon and not self._flush_soon.is_set():
+                self._flush_soon.set()
         else:
             latency_us = (_perf_ns() - t0) / 1000.0
             scores = self._record_batch(loaded, feats, pred, latency_us, raw_oor, raw_empty)
@@ -505,6 +513,18 @@ class Agent:
             except queue.Full:
                 self.recorder.record_shadow_drop(loaded.telemetry)
         return result
+
+    def _reserve_batch(self, loaded: LoadedModel, now: float, label_text: np.ndarray | None,
+                       n: int) -> tuple[int, np.ndarray, np.ndarray, bool]:
+        """A block of ids and a log entry for a deferred batch (the recorder calls it, under
+        its lock: see TelemetryRecorder.record_deferred)."""
+        assert label_text is not None  # a deferred batch's codes index its label texts
+        with self._pending_lock:
+            first = self._next_batch_id
+            self._next_batch_id = first + n
+            scores, codes, flush_soon = self._log.reserve_batch(first, now, loaded, n,
+                                                                label_text)
+        return first, scores, codes, flush_soon
 
     def _record_batch(self, loaded: LoadedModel, feats: Any, pred: Prediction,
                       latency_us: float, raw_oor: int, raw_empty: int) -> np.ndarray:
@@ -625,11 +645,16 @@ class Agent:
     # --- the writer ------------------------------------------------------------------------
 
     def _take_pending(self) -> WriteBatch:
-        with self._pending_lock:
+        # Inside the recorder's lock, with every stage holding a deferred batch queued: the
+        # fold fills those batches' log entries, so the entries taken here are read only once
+        # their stages are folded.
+        with self.recorder.deferred_queued() as ticket, self._pending_lock:
             taken = self._log.take()
             feedback, self._feedback = self._feedback, []
             events, self._events = self._events, []
             samples, self._samples = self._samples, []
+        if taken.deferred:
+            self.recorder.fold_through(ticket)
         rows = prediction_rows(self.boot, taken.entries)  # copies out of the chunks
         with self._pending_lock:
             self._log.give_back(taken.chunks)
@@ -722,14 +747,7 @@ def _scores(pred: Prediction) -> np.ndarray:
     if p is None:
         assert pred.values is not None
         return pred.values
-    if p.ndim != 2 or p.shape[1] > 32:
-        return np.asarray(p.max(axis=1))
-    # max(axis=1) over a few columns is ~15x slower than a maximum per column (numpy reduces
-    # a short inner axis element by element); the same maximum ufunc, in the same order.
-    out = p[:, 0].copy()
-    for k in range(1, p.shape[1]):
-        np.maximum(out, p[:, k], out=out)
-    return out
+    return row_scores(p)
 
 
 def _canary_pick(key: str | None, fraction: float, rng: np.random.Generator) -> bool:

@@ -20,10 +20,12 @@ from edge_agent.bundle import VerifiedBundle
 from edge_agent.errors import BundleError, PreprocessError
 from fleet_protocol.manifest import BundleManifest, FeatureSpec, ModelSpec, TestVector
 
-__all__ = ["BundleModel", "Prediction", "RuntimeSpec", "TestVectorFailure", "release_freed_heap"]
+__all__ = ["BundleModel", "CodeTable", "Prediction", "RuntimeSpec", "TestVectorFailure",
+           "release_freed_heap", "row_scores"]
 
 Inputs = np.ndarray | Mapping[str, Sequence[Any] | np.ndarray]
 _F32 = np.dtype(np.float32)
+_I8 = np.dtype(np.int64)
 
 
 class Prediction:
@@ -35,24 +37,45 @@ class Prediction:
     integer classes is served by its codes (sketches, the prediction log); the object array of
     1,024 strings costs ~5 µs and 8 KiB that most batches never need. A regressor's 1,024
     value strings cost ~450 µs, several times the inference.
+
+    The codes themselves may be given undecoded: ``raw_labels`` (the model's label output)
+    and the ``decoder`` (a :class:`CodeTable`) that maps them, when first read. A served
+    batch's codes are then decoded off the request path, by the thread that sketches it (see
+    :mod:`edge_agent.telemetry`), and here only if the caller reads them.
     """
 
-    __slots__ = ("_label_text", "_labels", "codes", "probabilities", "values")
+    __slots__ = ("_codes", "_label_text", "_labels", "decoder", "probabilities", "raw_labels",
+                 "values")
 
     def __init__(self, labels: np.ndarray | None, probabilities: np.ndarray | None,
                  values: np.ndarray | None, codes: np.ndarray | None = None, *,
-                 label_text: np.ndarray | None = None) -> None:
-        if labels is None and (codes is None or label_text is None) and values is None:
-            raise ValueError("a Prediction without labels needs codes and label_text, or "
-                             "values")
+                 label_text: np.ndarray | None = None, raw_labels: np.ndarray | None = None,
+                 decoder: CodeTable | None = None) -> None:
+        if (raw_labels is None) != (decoder is None):
+            raise ValueError("raw_labels and decoder go together")
+        if labels is None and values is None and (label_text is None or (
+                codes is None and raw_labels is None)):
+            raise ValueError("a Prediction without labels needs codes (or raw_labels and a "
+                             "decoder) and label_text, or values")
         self._labels = labels
         self._label_text = label_text
         #: float32 (n, n_classes) for classifiers
         self.probabilities = probabilities
         #: float32 (n,) for regressors
         self.values = values
-        #: classifiers: index of each label in the manifest's labels (len(labels) if unknown)
-        self.codes = codes
+        self._codes = codes
+        #: the label output as the model gave it, while its codes are not decoded (else None)
+        self.raw_labels = raw_labels
+        self.decoder = decoder
+
+    @property
+    def codes(self) -> np.ndarray | None:
+        """Classifiers: index of each label in the manifest's labels (len(labels) if
+        unknown)."""
+        if self._codes is None and self.raw_labels is not None:
+            assert self.decoder is not None
+            self._codes = self.decoder(self.raw_labels)
+        return self._codes
 
     @property
     def label_text(self) -> np.ndarray | None:
@@ -62,8 +85,9 @@ class Prediction:
     @property
     def labels(self) -> np.ndarray:
         if self._labels is None:
-            if self.codes is not None and self._label_text is not None:
-                self._labels = self._label_text.take(self.codes)
+            codes = self.codes
+            if codes is not None and self._label_text is not None:
+                self._labels = self._label_text.take(codes)
             else:
                 assert self.values is not None
                 self._labels = self.values.astype(str).astype(object)
@@ -72,10 +96,44 @@ class Prediction:
     def __len__(self) -> int:
         if self._labels is not None:
             return len(self._labels)
-        if self.codes is not None:
-            return len(self.codes)
+        if self.raw_labels is not None:
+            return len(self.raw_labels)
+        if self._codes is not None:
+            return len(self._codes)
         assert self.values is not None
         return len(self.values)
+
+
+class CodeTable:
+    """Integer classes spanning a small range -> label codes, by one lookup: ``codes[v -
+    shift]``, where both ends of the table hold the "unknown" code and values outside it clip
+    onto them."""
+
+    __slots__ = ("codes", "shift")
+
+    def __init__(self, shift: int, codes: np.ndarray) -> None:
+        self.shift = shift
+        self.codes = codes
+
+    def __call__(self, raw: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self.codes.take(raw - self.shift, mode="clip")
+        return out
+
+
+#: most classes whose scores a served batch computes by columns (more: numpy's max by rows)
+_SCORE_COLUMNS = 32
+
+
+def row_scores(p: np.ndarray) -> np.ndarray:
+    """Each row's largest probability (NaN if any is NaN) of a 2-D array, in its dtype."""
+    if p.ndim != 2 or p.shape[1] > _SCORE_COLUMNS:
+        return np.asarray(p.max(axis=1))
+    # max(axis=1) over a few columns is ~15x slower than a maximum per column (numpy reduces
+    # a short inner axis element by element); the same maximum ufunc, in the same order.
+    out = p[:, 0].copy()
+    for k in range(1, p.shape[1]):
+        np.maximum(out, p[:, k], out=out)
+    return out
 
 
 @dataclass(frozen=True)
@@ -223,7 +281,7 @@ class BundleModel:
         # values are the classes themselves, found by a binary search, or, when they span a
         # small range, by one lookup in a table with an "unknown" entry at either end.
         self._int_classes: tuple[np.ndarray, np.ndarray] | None = None
-        self._int_table: tuple[int, np.ndarray] | None = None
+        self._int_table: CodeTable | None = None
         if spec.labels and all(_is_int(lbl) for lbl in spec.labels):
             raw = np.array([int(lbl) for lbl in spec.labels], dtype=np.int64)
             order = np.argsort(raw)
@@ -234,7 +292,16 @@ class BundleModel:
                 codes = np.full(hi - lo + 3, unknown, dtype=np.int64)
                 codes[raw - lo + 1] = np.arange(len(raw))
                 codes.setflags(write=False)
-                self._int_table = (lo - 1, codes)
+                self._int_table = CodeTable(lo - 1, codes)
+        # A batch's codes can wait (see Prediction) when the table decodes them and the
+        # probabilities are float32 rows of a few columns (their row maximum is the score)
+        probability = {o.name: o for o in self.session.get_outputs()}.get(
+            spec.model.probability_output or "")
+        self._defer_codes = (spec.task == "classification" and self._int_table is not None
+                             and probability is not None and probability.type == "tensor(float)"
+                             and len(probability.shape) == 2
+                             and isinstance(probability.shape[1], int)
+                             and probability.shape[1] <= _SCORE_COLUMNS)
         self._ops = [dict(op) for op in spec.preprocessing]
         # numba, and LLVM under it, load for bundles that preprocess, here rather than on a
         # request; a matrix bundle's features are its raw columns and need neither
@@ -374,6 +441,13 @@ class BundleModel:
                 value = raw.item(0)
                 hit = self._label_cache.get(value) or self._cache_label(value)
                 return Prediction(hit[2].copy(), outs[1], None, hit[3])
+            if self._defer_codes and len(raw) > 16 and raw.dtype == _I8:
+                probabilities = outs[1]
+                if (probabilities.dtype == _F32 and probabilities.ndim == 2
+                        and probabilities.shape[0] == len(raw)):
+                    # decoded when read: a served batch's by the thread that sketches it
+                    return Prediction(None, probabilities, None, label_text=self._label_text,
+                                      raw_labels=raw.ravel(), decoder=self._int_table)
             codes = self._decode_codes(raw.ravel())
             if codes is not None:  # integer classes: labels are read from the codes if needed
                 return Prediction(None, outs[1], None, codes, label_text=self._label_text)
@@ -388,9 +462,7 @@ class BundleModel:
         if len(raw) <= 16 or raw.dtype.kind not in "iu":
             return None
         if self._int_table is not None and raw.dtype == np.int64:
-            shift, table_codes = self._int_table
-            # values outside the table clip onto its "unknown" ends
-            return table_codes.take(raw - shift, mode="clip")
+            return self._int_table(raw)
         if self._int_classes is not None:
             values, order = self._int_classes
             pos = np.minimum(np.searchsorted(values, raw), len(values) - 1)

@@ -88,6 +88,8 @@ class TakenLog:
 
     entries: list[Run | _Batch]
     chunks: list[np.ndarray]
+    #: entries reserved for deferred batches (:meth:`PendingLog.reserve_batch`) among them
+    deferred: int = 0
 
 
 class PendingLog:
@@ -101,6 +103,8 @@ class PendingLog:
         self._used = 0
         self._chunks: list[np.ndarray] = []
         self._free: list[np.ndarray] = []
+        #: entries reserved since the last take (their codes and scores filled by the fold)
+        self._deferred = 0
 
     @property
     def chunks_in_use(self) -> int:
@@ -132,6 +136,23 @@ class PendingLog:
         self.run = None
         return len(self._chunks) >= FLUSH_SOON_CHUNKS
 
+    def reserve_batch(self, first: int, ts: float, loaded: LoadedModel, n: int,
+                      label_text: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Log a batch of integer classes whose codes and scores are not known yet: the
+        float32 scores and the narrowed codes (into ``label_text``) it will hold, for the
+        caller to fill before the writer takes them (the fold does, see
+        :meth:`edge_agent.telemetry.TelemetryRecorder.record_deferred`), and whether the
+        writer should flush now, as :meth:`add_batch`."""
+        score_bytes = -(-4 * n // _ALIGN) * _ALIGN
+        cdt = code_dtype(len(label_text))
+        buf = self._space(score_bytes + cdt.itemsize * n)
+        s = buf[:4 * n].view(_F4)
+        c = buf[score_bytes:score_bytes + cdt.itemsize * n].view(cdt)
+        self.entries.append(_Batch(first, ts, loaded, s, c, label_text, None))
+        self.run = None
+        self._deferred += 1
+        return s, c, len(self._chunks) >= FLUSH_SOON_CHUNKS
+
     def _space(self, need: int) -> np.ndarray:
         """``need`` bytes, 8-aligned, in the current chunk, a free one or a new one."""
         need = -(-need // _ALIGN) * _ALIGN
@@ -152,8 +173,9 @@ class PendingLog:
     def take(self) -> TakenLog:
         """Everything pending, for the writer; the next batch starts a new chunk (the writer
         reads these ones outside the lock)."""
-        taken = TakenLog(self.entries, self._chunks)
+        taken = TakenLog(self.entries, self._chunks, self._deferred)
         self.entries, self._chunks = [], []
+        self._deferred = 0
         self.run = self._chunk = None
         self._used = 0
         return taken

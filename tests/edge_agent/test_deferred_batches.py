@@ -1,0 +1,127 @@
+"""Batches whose label codes are decoded by the fold, not by the request (see
+edge_agent.telemetry's record_deferred): what the caller, the sketches, the window's counts and
+the prediction log see is what decoding on the request gave."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge_agent.agent import Agent
+from edge_agent.config import AgentConfig, TelemetryConfig
+from edge_agent.model import CodeTable, Prediction
+from tests.conftest import make_classification_data
+from tests.edge_agent.test_perf_paths import Clock
+
+
+def _rows(n: int, seed: int = 0) -> np.ndarray:
+    X, _ = make_classification_data(n=max(n, 10), d=6, seed=seed)
+    return np.ascontiguousarray(X[:n], dtype=np.float32)
+
+
+@pytest.fixture(params=[True, False], ids=["fold-thread", "no-fold-thread"])
+def agent(request: Any, tmp_path: Path, keypair: Any, small_bundle: Any) -> Iterator[Agent]:
+    """With the fold thread, and without (deferred batches are decoded only when a flush, the
+    queue's bound or feedback folds them)."""
+    cfg = AgentConfig(data_dir=tmp_path / "agent", trusted_keys=(keypair.public_path,),
+                      bundle=small_bundle.path,
+                      telemetry=TelemetryConfig(window_seconds=60, flush_interval_seconds=0.05))
+    with Agent(cfg, clock=Clock(), start_writer=False, fold_thread=request.param) as made:
+        yield made
+
+
+def _stored_labels(agent: Agent, ids: list[str]) -> list[str]:
+    out = []
+    for pid in ids:
+        found = agent.store.prediction(pid)
+        assert found is not None, pid
+        out.append(found["label"])
+    return out
+
+
+def test_a_long_batch_is_not_decoded_on_the_request(agent: Agent) -> None:
+    X = _rows(200)
+    result = agent.predict(X)
+    pred = result.prediction
+    assert pred.raw_labels is not None and pred._codes is None  # nothing decoded yet
+    assert result.n == 200 and pred._codes is None  # its length needs no decoding
+    singles = [agent.predict(x).labels[0] for x in X]
+    assert result.labels.tolist() == singles  # decoded when the caller reads them
+    agent.flush()
+    assert _stored_labels(agent, result.ids) == singles
+    found = agent.store.prediction(result.ids[7])
+    assert found is not None
+    assert found["score"] == pytest.approx(float(result.probabilities[7].max()), rel=1e-6)
+
+
+def test_feedback_right_after_a_deferred_batch_finds_it(agent: Agent) -> None:
+    """The log entry is filled by the fold: feedback, which writes the pending log first,
+    folds what it needs before reading it."""
+    result = agent.predict(_rows(64, seed=3))
+    label = result.labels[5]
+    answer = agent.feedback(result.ids[5], label)
+    assert answer["correct"] == 1
+
+
+def test_nonfinite_scores_of_a_deferred_batch_are_counted(agent: Agent) -> None:
+    X = _rows(50, seed=5)
+    X[:12, 0] = np.nan  # no imputer in the pipeline: NaN in, NaN out
+    result = agent.predict(X)
+    assert result.prediction.raw_labels is not None
+    nonfinite = int((~np.isfinite(result.probabilities.max(axis=1))).sum())
+    assert nonfinite == 12
+    agent.flush()
+    (window,) = agent.store.windows()
+    assert window.metrics["nonfinite_outputs"] == nonfinite
+    assert window.rows == 50
+
+
+def test_log_entries_read_while_batches_are_served_are_complete(agent: Agent) -> None:
+    """Flushes and feedback racing a serving thread: every stored prediction has the label
+    the caller got, never a byte of an entry the fold had not filled yet."""
+    results: list[Any] = []
+    done = threading.Event()
+    X = _rows(400, seed=9)
+
+    def serve() -> None:
+        try:
+            for i in range(150):
+                results.append(agent.predict(np.roll(X, -i, axis=0)[:64 + i % 40]))
+        finally:
+            done.set()
+
+    server = threading.Thread(target=serve)
+    server.start()
+    flushes = 0
+    while not done.is_set() or flushes < 3:
+        agent.flush()
+        flushes += 1
+        if results:
+            last = results[-1]
+            try:
+                agent.feedback(last.ids[0], last.labels[0])
+            except Exception as err:  # the same id twice is refused; nothing else may be
+                assert "already recorded" in str(err)
+    server.join()
+    agent.flush()
+    assert len(results) == 150
+    for r in results[::7]:
+        assert _stored_labels(agent, r.ids[::5]) == r.labels[::5].tolist()
+
+
+def test_the_lazy_codes_are_the_table_s() -> None:
+    table = CodeTable(-1, np.array([2, 0, 1, 2], dtype=np.int64))  # classes 0, 1; unknown 2
+    raw = np.array([0, 1, 1, 7, -4, 0] * 5, dtype=np.int64)
+    text = np.array(["0", "1", "?"], dtype=object)
+    pred = Prediction(None, np.zeros((30, 2), np.float32), None, label_text=text,
+                      raw_labels=raw, decoder=table)
+    assert len(pred) == 30 and pred._codes is None
+    assert pred.codes is not None and pred.codes.tolist() == [0, 1, 1, 2, 2, 0] * 5
+    assert pred.labels.tolist() == ["0", "1", "1", "?", "?", "0"] * 5
+    with pytest.raises(ValueError, match="go together"):
+        Prediction(None, None, None, label_text=text, raw_labels=raw)
