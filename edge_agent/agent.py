@@ -482,12 +482,13 @@ class Agent:
                 self._next_single = first + 1
                 run.labels.append(pred.labels[0])
                 run.scores.append(score)
-        elif pred.raw_labels is not None:
-            # codes undecoded: the fold decodes them, for the sketches and the log entry
+        elif pred.raw_labels is not None and self.recorder.fold_keeps_up():
+            # codes undecoded: the fold thread decodes them, for the sketches and the log
+            # entry (while it keeps up: a sustained stream of small models' batches is folded
+            # slower than it is served, and then the request decodes its own, below)
             first, flush_soon = self.recorder.record_deferred(
-                loaded.telemetry, feats, pred, (_perf_ns() - t0) / 1000.0,
-                functools.partial(self._reserve_batch, loaded, now, pred.label_text),
-                raw_out_of_range=raw_oor, raw_empty=raw_empty)
+                loaded.telemetry, now, feats, pred, (_perf_ns() - t0) / 1000.0,
+                self._reserve_batch, loaded, raw_out_of_range=raw_oor, raw_empty=raw_empty)
             if flush_soon and not self._flush_soon.is_set():
                 self._flush_soon.set()
         else:

@@ -275,13 +275,16 @@ class _Stage:
     wait for either.
     """
 
-    __slots__ = ("deferred", "ends", "labels", "n", "outputs", "probs", "rows", "window")
+    __slots__ = ("capacity", "deferred", "ends", "labels", "n", "outputs", "probs", "rows",
+                 "window")
 
     def __init__(self, window: ModelWindow, rows: np.ndarray, outputs: np.ndarray,
                  labels: np.ndarray | None = None, probs: np.ndarray | None = None) -> None:
         self.window = window
         self.rows = rows
         self.outputs = outputs
+        #: rows it holds
+        self.capacity = int(rows.shape[0])
         self.n = 0
         self.ends: list[int] = []
         #: raw label outputs and probabilities of deferred batches (allocated on first use)
@@ -289,10 +292,6 @@ class _Stage:
         self.probs = probs
         #: deferred batches: (start, end, decoder, log entry's scores, log entry's codes)
         self.deferred: list[tuple[int, int, CodeTable, np.ndarray, np.ndarray]] = []
-
-    @property
-    def capacity(self) -> int:
-        return int(self.rows.shape[0])
 
     def add(self, rows: np.ndarray, outputs: np.ndarray, scores: np.ndarray | None) -> None:
         """Copy a batch in (the copy is what makes it safe to fold on another thread)."""
@@ -373,9 +372,9 @@ class _Stage:
 
 
 _Spare = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
-#: reserve(n) -> (first id, the log entry's scores and codes to fill, flush soon): what
-#: TelemetryRecorder.record_deferred asks of the prediction log, under its lock
-Reserve = Callable[[int], tuple[int, np.ndarray, np.ndarray, bool]]
+#: reserve(owner, now, label_text, n) -> (first id, the log entry's scores and codes to fill,
+#: flush soon): what TelemetryRecorder.record_deferred asks of the prediction log, under its lock
+Reserve = Callable[[Any, float, Any, int], tuple[int, np.ndarray, np.ndarray, bool]]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -490,43 +489,56 @@ class TelemetryRecorder:
             self._stage(win, rows, outputs, scores)
         self._after_staging()
 
-    def record_deferred(self, model: ModelTelemetry, feats: np.ndarray | dict[str, np.ndarray],
-                        prediction: Prediction, latency_us: float, reserve: Reserve, *,
+    def record_deferred(self, model: ModelTelemetry, now: float,
+                        feats: np.ndarray | dict[str, np.ndarray], prediction: Prediction,
+                        latency_us: float, reserve: Reserve, owner: Any, *,
                         raw_out_of_range: int = 0, raw_empty: int = 0) -> tuple[int, bool]:
-        """One served batch whose codes are not decoded yet (``prediction.raw_labels`` and
-        its ``decoder``, float32 ``probabilities``), as :meth:`record` otherwise. Its label
-        output and probabilities are staged as they are; the fold decodes them into the output
-        sketch's rows and into the batch's prediction-log entry, which ``reserve`` makes here
+        """One batch served at ``now`` whose codes are not decoded yet
+        (``prediction.raw_labels`` and its ``decoder``, float32 ``probabilities``), as
+        :meth:`record` otherwise. Its label output and probabilities are staged as they are;
+        the fold decodes them into the output sketch's rows and into the batch's
+        prediction-log entry, which ``reserve(owner, now, label_text, n_rows)`` makes here,
         under the window lock (so :meth:`deferred_queued` sees every entry with its rows).
         Returns what ``reserve`` gave: the batch's first id, and whether to flush soon.
 
         The request saves the decode, the scores and the log's copies (~5 µs of a 1024-row
         batch, ~40 µs for a logistic regression); the fold thread does them instead.
         """
-        rows = model.feature_rows(feats) if not isinstance(feats, np.ndarray) else feats
-        raw, probabilities, decoder = (prediction.raw_labels, prediction.probabilities,
-                                       prediction.decoder)
-        assert raw is not None and probabilities is not None and decoder is not None
+        rows = feats if type(feats) is np.ndarray else model.feature_rows(feats)
+        raw, probabilities = prediction.raw_labels, prediction.probabilities
+        assert raw is not None and probabilities is not None and prediction.decoder is not None
         n_rows = len(raw)
-        now = self.clock()
         with self._lock:
             if self._singles:  # single rows served before this batch are staged before it
                 self._take_singles()
-            win = self._window(model.key, now)
+            win = self._open.get(model.key)
+            if win is None or now >= win.end:
+                win = self._window(model.key, now)
             win.requests += 1
             win.rows += n_rows
             if raw_out_of_range or raw_empty:
                 win.raw_out_of_range += raw_out_of_range
                 win.raw_empty += raw_empty
             win.latency.record(latency_us)
-            first, log_scores, log_codes, flush_soon = reserve(n_rows)
-            stage = self._stage_for(win, n_rows)
-            stage.add_deferred(rows, raw, probabilities, decoder, log_scores, log_codes)
+            first, log_scores, log_codes, flush_soon = reserve(owner, now,
+                                                               prediction.label_text, n_rows)
+            stage = win.stage
+            if stage is None or stage.n + n_rows > stage.capacity:
+                stage = self._stage_for(win, n_rows)
+            stage.add_deferred(rows, raw, probabilities, prediction.decoder, log_scores,
+                               log_codes)
             if stage.n == stage.capacity:
                 self._queue(stage)
                 win.stage = None
-        self._after_staging()
+        if self._rows_queued != self._rows_folded:
+            self._after_staging()
         return first, flush_soon
+
+    def fold_keeps_up(self) -> bool:
+        """Whether at most one stage waits for the fold: work handed to the fold thread is
+        free only while it keeps up (else the request that overfills the queue folds the
+        backlog itself), so a batch is deferred only then."""
+        return self._rows_queued - self._rows_folded <= self.stage_rows
 
     @contextlib.contextmanager
     def deferred_queued(self) -> Iterator[int]:

@@ -125,3 +125,25 @@ def test_the_lazy_codes_are_the_table_s() -> None:
     assert pred.labels.tolist() == ["0", "1", "1", "?", "?", "0"] * 5
     with pytest.raises(ValueError, match="go together"):
         Prediction(None, None, None, label_text=text, raw_labels=raw)
+
+
+def test_batches_are_decoded_on_the_request_while_the_fold_is_behind(
+        tmp_path: Path, keypair: Any, small_bundle: Any) -> None:
+    """Deferring costs the fold thread what it saves the request: once more than a stage
+    waits for the fold, batches decode their own codes (and are logged and sketched alike)."""
+    cfg = AgentConfig(data_dir=tmp_path / "agent", trusted_keys=(keypair.public_path,),
+                      bundle=small_bundle.path,
+                      telemetry=TelemetryConfig(window_seconds=60, flush_interval_seconds=0.05))
+    X = _rows(64, seed=4)
+    with Agent(cfg, clock=Clock(), start_writer=False, fold_thread=False, stage_rows=64,
+               fold_queue_rows=10_000) as agent:
+        results = [agent.predict(X) for _ in range(4)]
+        # queued, not folded: 0, 64, 128, 192 rows when each batch came
+        assert [r.prediction._codes is None for r in results] == [True, True, False, False]
+        singles = [agent.predict(x).labels[0] for x in X]
+        agent.flush()
+        for r in results:
+            assert r.labels.tolist() == singles
+            assert _stored_labels(agent, r.ids) == singles
+        (window,) = agent.store.windows()
+        assert window.rows == 4 * 64 + 64
