@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud_hub.sketch_check import bad_sketches, check_sketch
+from cloud_hub.sketch_check import _all_fit, bad_sketches, check_sketch
 from fleet_protocol import codec
 from fleet_protocol.errors import CodecError
 from fleet_protocol.sketch import FeatureLayout, Sketch, SketchLayout
@@ -99,3 +99,69 @@ def test_bad_sketches_agree_with_check_sketch_one_by_one(seed: int, n: int, dama
         except CodecError as err:
             expected[i] = str(err)
     assert bad_sketches(batch) == expected
+
+
+def all_fit_reference(datas: list[bytes], head: bytes, per: int, tail: int) -> bool:
+    """sketch_check._all_fit in plain Python, one varint at a time."""
+    for data in datas:
+        if len(data) < len(head) + per + tail or not data.startswith(head):
+            return False
+        body = data[len(head):len(data) - tail]
+        pos = 0
+        for _ in range(per):
+            length = 0
+            while True:
+                if pos >= len(body):
+                    return False
+                byte = body[pos]
+                pos += 1
+                length += 1
+                if byte < 0x80:
+                    break
+            if length > 9 or (length > 1 and byte == 0):
+                return False
+        if pos != len(body):
+            return False
+    return True
+
+
+#: one varint: how many continuation bytes (up to 11: 12 bytes long), then its last byte
+_VARINT = st.tuples(st.integers(0, 11), st.sampled_from([0x00, 0x01, 0x7F]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(n=st.integers(0, 6),
+       varints=st.lists(st.lists(_VARINT, min_size=7, max_size=7), min_size=1, max_size=6),
+       ragged=st.lists(st.sampled_from([0, 0, 0, -1, 1]), min_size=6, max_size=6),
+       per_delta=st.sampled_from([0, 0, 0, -1, 1]), tail=st.integers(0, 3),
+       bad_head=st.booleans())
+def test_all_fit_agrees_with_its_plain_python_reference(
+        n: int, varints: list[list[tuple[int, int]]], ragged: list[int], per_delta: int,
+        tail: int, bad_head: bool) -> None:
+    """The numpy check of a batch's varints (how many per sketch, each sketch's last byte,
+    varints of up to 12 bytes, overlong zeros) says what the one-varint-at-a-time reference
+    says, for the batch and for each sketch alone."""
+    head = b"\xe5\x01" + bytes(range(8)) + b"\x02\x01\x00"
+    datas = []
+    for i, sketch in enumerate(varints):
+        body = b"".join(bytes([0x80 | (37 * k % 128) for k in range(more)]) + bytes([last])
+                        for more, last in sketch[:max(0, n + ragged[i])])
+        datas.append(head + body + bytes(range(tail)))
+    if bad_head:
+        datas[-1] = b"\x00" + datas[-1][1:]
+    per = max(0, n + per_delta)
+    assert _all_fit(datas, head, per, tail) == all_fit_reference(datas, head, per, tail)
+    for data in datas:
+        assert _all_fit([data], head, per, tail) == all_fit_reference([data], head, per, tail)
+
+
+def test_a_sketch_of_no_slots_and_no_features_is_checked_not_raised() -> None:
+    """A header declaring zero lengths (and the fingerprint it names) is what check_sketch
+    accepts: the batched check agrees instead of failing on it (it raised ValueError, and the
+    worker took the whole batch for a database error)."""
+    fingerprint = "0123456789abcdef"
+    empty = (bytes((codec.MAGIC, codec.VERSION)) + bytes.fromhex(fingerprint)
+             + codec.encode_uvarints(np.zeros(3, dtype=np.uint64)))
+    check_sketch(empty, fingerprint)
+    assert bad_sketches([(empty, fingerprint), (empty, fingerprint)]) == {}
+    assert set(bad_sketches([(empty + b"\x00", fingerprint)])) == {0}

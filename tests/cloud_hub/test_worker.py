@@ -7,6 +7,7 @@ Nothing waits on a fixed sleep: every wait is a condition with a deadline.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -29,12 +30,14 @@ from cloud_hub.errors import HubStoreError, MqttConnectionError
 from cloud_hub.mosquitto import MosquittoProcess, free_port
 from cloud_hub.store import HubStore, events
 from cloud_hub.worker import (
+    GC_YOUNG_THRESHOLD,
     MAX_PACKET_SIZE,
     BrokerAddress,
     HubWorker,
     _RateLimit,
     _Received,
     parse_broker_url,
+    settle_heap,
 )
 from fleet_protocol import messages, topics
 
@@ -380,6 +383,50 @@ def test_envelopes_are_stored_once_and_receipted(mosquitto: MosquittoProcess, tm
         assert stats["received"] == 63 and stats["stored"] == 60 and stats["rejected"] == 0
         assert stats["receipts_sent"] >= 3 and stats["connected"] == 1
         assert store.counters().duplicates == 3
+
+
+def test_on_batch_sees_each_stored_batch_after_its_counts_and_cannot_stop_ingestion(
+        mosquitto: MosquittoProcess, tmp_path: Path, workers: list[HubWorker],
+        fleet_factory: Callable[..., FleetSim], caplog: pytest.LogCaptureFixture) -> None:
+    """The on_batch observer gets every stored batch's result once its counts are in stats();
+    an observer that raises is logged, and the worker goes on storing and receipting."""
+    seen: list[tuple[int, int]] = []  # (result.stored, stats()["stored"] at the call)
+    lock = threading.Lock()
+
+    def observe(result: Any) -> None:
+        with lock:
+            seen.append((result.stored, worker.stats()["stored"]))
+            if len(seen) == 1:
+                raise RuntimeError("observer bug (test)")
+
+    caplog.set_level(logging.ERROR, logger="cloud_hub.worker")
+    with HubStore(path=tmp_path / "hub.db") as store:
+        worker = start_worker(workers, store, mosquitto.url, on_batch=observe)
+        fleet = fleet_factory(mosquitto.url, ["pi-1", "pi-2"])
+        fleet.publish_range(range(1, 11))
+        wait_for(lambda: fleet.all_receipted(10), 30, "receipts up to seq 10")
+        wait_for(lambda: sum(n for n, _ in seen) == 20, 30, "every batch observed")
+        assert_exactly_once(store, ["pi-1", "pi-2"], 10)
+    running = 0
+    for stored, counted in seen:
+        running += stored
+        assert counted >= running  # the counts were in stats() before the observer ran
+    assert any("on_batch observer failed" in r.getMessage() for r in caplog.records)
+
+
+def test_settle_heap_raises_the_young_collection_threshold() -> None:
+    """settle_heap() leaves the collector's first threshold at GC_YOUNG_THRESHOLD (a young
+    collection every ~26 messages walked the batch being decoded again and again) and the
+    other two as they were."""
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, before[1], before[2])
+        settle_heap()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, before[1], before[2])
+        assert GC_YOUNG_THRESHOLD >= 50_000
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
 
 
 class FailingStore:
