@@ -73,6 +73,7 @@ from pydantic import (
     ValidationInfo,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from fleet_protocol import codec, topics
 from fleet_protocol.errors import ProtocolError
@@ -339,6 +340,19 @@ CommandKind = Literal["stage", "shadow", "promote", "commit", "rollback", "confi
 AckStatus = Literal["ok", "refused", "expired", "bad_signature", "replayed"]
 
 
+def _an_int(value: Any) -> Any:
+    """A protocol version is a JSON integer: ``true`` and ``1.0`` equal 1 in Python, and a
+    ``Literal[1]`` took them even in strict mode."""
+    if type(value) is not int:
+        raise PydanticCustomError("literal_error", "Input should be {expected}",
+                                  {"expected": str(PROTOCOL_VERSION)})
+    return value
+
+
+#: the protocol field: the integer 1 and nothing equal to it
+ProtocolVersion = Annotated[Literal[1], BeforeValidator(_an_int)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -349,7 +363,7 @@ class BaseMessage(_Strict):
     MAX_WIRE_BYTES: ClassVar[int] = 16 * 1024
     MAX_JSON_BYTES: ClassVar[int] = 64 * 1024
 
-    protocol: Literal[1] = PROTOCOL_VERSION
+    protocol: ProtocolVersion = PROTOCOL_VERSION
     device_id: DeviceId
 
 

@@ -359,6 +359,30 @@ def test_wrong_protocol_version_refused_first() -> None:
     assert str(refusal(data)) == "protocol: missing; every payload names its protocol (1 here)"
 
 
+@pytest.mark.parametrize("version", [True, 1.0, False, "1"])
+def test_protocol_is_the_integer_1_only(version: Any) -> None:
+    """JSON true and 1.0 equal 1 in Python; a Literal[1] took them, in strict mode too."""
+    for msg in (envelope(), m.Receipt(device_id="pi-1", stream="00112233aabbccdd",
+                                      up_to_seq=1, ts=1.0)):
+        data = as_json(msg)
+        data["protocol"] = version
+        err = refusal(data, type(msg))
+        assert err.field == "protocol"
+        assert f"Input should be 1 (got {version!r}); this build speaks protocol 1" in str(err)
+
+
+def test_the_hub_s_fast_decoder_refuses_a_protocol_of_true_too() -> None:
+    from cloud_hub.envelope_fast import decode_envelope
+
+    assert decode_envelope is not None  # the hub extra (msgspec) is installed for the tests
+    data = as_json(envelope())
+    data["protocol"] = True
+    raw = json.dumps(data).encode()
+    assert decode_envelope(raw) is None  # not sure: pydantic decides, and refuses
+    with pytest.raises(m.MessageError, match=r"protocol: Input should be 1 \(got True\)"):
+        m.decode(raw, m.TelemetryEnvelope, fast=decode_envelope)
+
+
 @pytest.mark.parametrize("device", BAD_DEVICE_IDS)
 def test_bad_device_ids_refused_in_messages(device: str) -> None:
     """Every message refuses a device id that could not be its topic level."""
