@@ -175,12 +175,14 @@ def _update_kernel(
             for s in range(m + 1):
                 counts[offset + s] += hist[s]
     # The batch mean is shifted by the batch's first in-limit value: mean = x0 + sum(x - x0) / n.
+    # A value outside the limit adds +0.0, not a branch (mispredicted wherever such values
+    # are): acc starts at +0.0 and a sum is -0.0 only when both terms are, so adding +0.0
+    # never changes its bits. The same holds for m2 below.
     acc = np.zeros(n_features, dtype=np.float64)
     for i in range(n_rows):
         for j in range(n_features):
             x = values[i, j]
-            if abs(x) <= MOMENT_LIMIT:
-                acc[j] += x - shift[j]
+            acc[j] += (x - shift[j]) if abs(x) <= MOMENT_LIMIT else 0.0
     mean_b = np.zeros(n_features, dtype=np.float64)
     for j in range(n_features):
         if n_in[j]:
@@ -189,9 +191,8 @@ def _update_kernel(
     for i in range(n_rows):
         for j in range(n_features):
             x = values[i, j]
-            if abs(x) <= MOMENT_LIMIT:
-                d = x - mean_b[j]
-                m2[j] += d * d
+            d = x - mean_b[j]
+            m2[j] += d * d if abs(x) <= MOMENT_LIMIT else 0.0
     for j in range(n_features):
         if not n_in[j]:
             continue
