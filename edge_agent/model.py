@@ -21,7 +21,7 @@ from edge_agent.errors import BundleError, PreprocessError
 from fleet_protocol.manifest import BundleManifest, FeatureSpec, ModelSpec, TestVector
 
 __all__ = ["BundleModel", "CodeTable", "Prediction", "RuntimeSpec", "TestVectorFailure",
-           "release_freed_heap", "row_scores"]
+           "UndecodedPrediction", "release_freed_heap", "row_scores"]
 
 Inputs = np.ndarray | Mapping[str, Sequence[Any] | np.ndarray]
 _F32 = np.dtype(np.float32)
@@ -38,44 +38,31 @@ class Prediction:
     1,024 strings costs ~5 µs and 8 KiB that most batches never need. A regressor's 1,024
     value strings cost ~450 µs, several times the inference.
 
-    The codes themselves may be given undecoded: ``raw_labels`` (the model's label output)
-    and the ``decoder`` (a :class:`CodeTable`) that maps them, when first read. A served
-    batch's codes are then decoded off the request path, by the thread that sketches it (see
-    :mod:`edge_agent.telemetry`), and here only if the caller reads them.
+    A batch's codes may even wait: see :class:`UndecodedPrediction`.
     """
 
-    __slots__ = ("_codes", "_label_text", "_labels", "decoder", "probabilities", "raw_labels",
-                 "values")
+    __slots__ = ("_label_text", "_labels", "codes", "probabilities", "values")
+
+    #: the label output as the model gave it, while its codes are not decoded (an
+    #: UndecodedPrediction's); None here
+    raw_labels: np.ndarray | None = None
+    #: what decodes ``raw_labels`` into codes; None here
+    decoder: CodeTable | None = None
 
     def __init__(self, labels: np.ndarray | None, probabilities: np.ndarray | None,
                  values: np.ndarray | None, codes: np.ndarray | None = None, *,
-                 label_text: np.ndarray | None = None, raw_labels: np.ndarray | None = None,
-                 decoder: CodeTable | None = None) -> None:
-        if (raw_labels is None) != (decoder is None):
-            raise ValueError("raw_labels and decoder go together")
-        if labels is None and values is None and (label_text is None or (
-                codes is None and raw_labels is None)):
-            raise ValueError("a Prediction without labels needs codes (or raw_labels and a "
-                             "decoder) and label_text, or values")
+                 label_text: np.ndarray | None = None) -> None:
+        if labels is None and (codes is None or label_text is None) and values is None:
+            raise ValueError("a Prediction without labels needs codes and label_text, or "
+                             "values")
         self._labels = labels
         self._label_text = label_text
         #: float32 (n, n_classes) for classifiers
         self.probabilities = probabilities
         #: float32 (n,) for regressors
         self.values = values
-        self._codes = codes
-        #: the label output as the model gave it, while its codes are not decoded (else None)
-        self.raw_labels = raw_labels
-        self.decoder = decoder
-
-    @property
-    def codes(self) -> np.ndarray | None:
-        """Classifiers: index of each label in the manifest's labels (len(labels) if
-        unknown)."""
-        if self._codes is None and self.raw_labels is not None:
-            assert self.decoder is not None
-            self._codes = self.decoder(self.raw_labels)
-        return self._codes
+        #: classifiers: index of each label in the manifest's labels (len(labels) if unknown)
+        self.codes = codes
 
     @property
     def label_text(self) -> np.ndarray | None:
@@ -96,12 +83,47 @@ class Prediction:
     def __len__(self) -> int:
         if self._labels is not None:
             return len(self._labels)
-        if self.raw_labels is not None:
-            return len(self.raw_labels)
-        if self._codes is not None:
-            return len(self._codes)
+        if self.codes is not None:
+            return len(self.codes)
         assert self.values is not None
         return len(self.values)
+
+
+class UndecodedPrediction(Prediction):
+    """A batch of integer classes whose codes are decoded when first read: it holds the
+    model's label output (``raw_labels``) and the :class:`CodeTable` that maps it. A served
+    batch's codes are then decoded off the request path, by the thread that sketches it (see
+    :mod:`edge_agent.telemetry`), and here only if the caller reads them. (A subclass, so that
+    single rows, the common request, pay nothing for it.)"""
+
+    __slots__ = ("_codes", "decoder", "raw_labels")
+    raw_labels: np.ndarray
+    decoder: CodeTable
+
+    def __init__(self, probabilities: np.ndarray, label_text: np.ndarray,
+                 raw_labels: np.ndarray, decoder: CodeTable) -> None:
+        self._labels = None
+        self._label_text = label_text
+        self.probabilities = probabilities
+        self.values = None
+        self._codes: np.ndarray | None = None
+        self.raw_labels = raw_labels
+        self.decoder = decoder
+
+    @property
+    def codes(self) -> np.ndarray:
+        """Index of each label in the manifest's labels (len(labels) if unknown)."""
+        codes = self._codes
+        if codes is None:
+            codes = self._codes = self.decoder(self.raw_labels)
+        return codes
+
+    @codes.setter
+    def codes(self, value: np.ndarray) -> None:
+        self._codes = value
+
+    def __len__(self) -> int:
+        return len(self.raw_labels)
 
 
 class CodeTable:
@@ -441,13 +463,14 @@ class BundleModel:
                 value = raw.item(0)
                 hit = self._label_cache.get(value) or self._cache_label(value)
                 return Prediction(hit[2].copy(), outs[1], None, hit[3])
-            if self._defer_codes and len(raw) > 16 and raw.dtype == _I8:
+            table = self._int_table
+            if self._defer_codes and table is not None and len(raw) > 16 and raw.dtype == _I8:
                 probabilities = outs[1]
                 if (probabilities.dtype == _F32 and probabilities.ndim == 2
                         and probabilities.shape[0] == len(raw)):
                     # decoded when read: a served batch's by the thread that sketches it
-                    return Prediction(None, probabilities, None, label_text=self._label_text,
-                                      raw_labels=raw.ravel(), decoder=self._int_table)
+                    return UndecodedPrediction(probabilities, self._label_text, raw.ravel(),
+                                               table)
             codes = self._decode_codes(raw.ravel())
             if codes is not None:  # integer classes: labels are read from the codes if needed
                 return Prediction(None, outs[1], None, codes, label_text=self._label_text)

@@ -14,7 +14,7 @@ import pytest
 
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, TelemetryConfig
-from edge_agent.model import CodeTable, Prediction
+from edge_agent.model import CodeTable, Prediction, UndecodedPrediction
 from tests.conftest import make_classification_data
 from tests.edge_agent.test_perf_paths import Clock
 
@@ -118,13 +118,13 @@ def test_the_lazy_codes_are_the_table_s() -> None:
     table = CodeTable(-1, np.array([2, 0, 1, 2], dtype=np.int64))  # classes 0, 1; unknown 2
     raw = np.array([0, 1, 1, 7, -4, 0] * 5, dtype=np.int64)
     text = np.array(["0", "1", "?"], dtype=object)
-    pred = Prediction(None, np.zeros((30, 2), np.float32), None, label_text=text,
-                      raw_labels=raw, decoder=table)
+    pred = UndecodedPrediction(np.zeros((30, 2), np.float32), text, raw, table)
+    assert isinstance(pred, Prediction) and pred.raw_labels is raw and pred.decoder is table
     assert len(pred) == 30 and pred._codes is None
-    assert pred.codes is not None and pred.codes.tolist() == [0, 1, 1, 2, 2, 0] * 5
+    assert pred.codes.tolist() == [0, 1, 1, 2, 2, 0] * 5
     assert pred.labels.tolist() == ["0", "1", "1", "?", "?", "0"] * 5
-    with pytest.raises(ValueError, match="go together"):
-        Prediction(None, None, None, label_text=text, raw_labels=raw)
+    plain = Prediction(None, None, None, np.array([1]), label_text=text)
+    assert plain.raw_labels is None and plain.decoder is None  # nothing to decode later
 
 
 def test_batches_are_decoded_on_the_request_while_the_fold_is_behind(
