@@ -9,7 +9,10 @@ sketching happens on a fold thread, off the request path:
   is counted and copied into the window's *stage*, as one batch (what is left at a flush
   too); the request whose rows fill a stage folds the queue itself, once per ``stage_rows``
   single requests (a tail of one slow request instead of a burst of slowed ones);
-- a batch request is counted and copied into its window's stage, as one batch;
+- a batch request is counted and copied into its window's stage, as one batch; a batch of
+  integer classes (see :meth:`TelemetryRecorder.record_deferred`) is staged as the model
+  answered it, label output and probabilities, and the fold decodes its codes and scores for
+  the output sketch and for its prediction-log entry, while the fold keeps up;
 - a full stage (``stage_rows``) goes to the fold queue, which the fold thread empties with one
   numba call per sketch (:func:`~edge_agent.sketching.update_sketch_segments`, GIL released).
   When more than ``fold_queue_rows`` rows wait, the request that overfilled the queue folds the
