@@ -64,7 +64,8 @@ from edge_agent.errors import AgentError
 from fleet_protocol.errors import SketchError
 from fleet_protocol.sketch import FeatureLayout, Sketch, SketchLayout
 
-__all__ = ["KernelLayout", "RowBuffer", "update_sketch", "update_sketch_segments", "warmup"]
+__all__ = ["KernelLayout", "RowBuffer", "fold_stage", "update_sketch", "update_sketch_segments",
+           "warmup"]
 
 log = logging.getLogger(__name__)
 
@@ -266,6 +267,21 @@ def update_sketch_segments(
         _raise_bad_code(sketch, x[start:], j, i, f"batch {k} (rows {start}..{int(e[k]) - 1}): ")
 
 
+def fold_stage(sketch: Sketch, klayout: KernelLayout, values: np.ndarray,
+               ends: np.ndarray) -> None:
+    """:func:`update_sketch_segments` for rows the caller made itself, unchecked: ``values``
+    C-contiguous, aligned float32 or float64 rows of ``klayout``, which is the sketch's, and
+    ``ends`` a non-decreasing int64 array ending at ``len(values)`` (the agent's fold stages,
+    built so). The checks it skips cost ~4 µs a call, twice per stage, on the fold thread;
+    the kernel still checks the codes, and the compiled build its arguments' types.
+    """
+    k, j, i = _fold(sketch, klayout, values, ends)
+    if k >= 0:
+        start = int(ends[k - 1]) if k else 0
+        _raise_bad_code(sketch, values[start:], j, i,
+                        f"batch {k} (rows {start}..{int(ends[k]) - 1}): ")
+
+
 def _kernel_args(sketch: Sketch, klayout: KernelLayout, x: np.ndarray,
                  ends: np.ndarray) -> tuple[np.ndarray, ...]:
     """The kernel's arguments, in its order; SketchError when the sketch's arrays are not of
@@ -285,7 +301,8 @@ def _kernel_args(sketch: Sketch, klayout: KernelLayout, x: np.ndarray,
 def _fold(sketch: Sketch, klayout: KernelLayout, x: np.ndarray,
           ends: np.ndarray) -> tuple[int, int, int]:
     """Run the kernel on checked values: (bad batch, feature, row), -1s when all folded."""
-    args = _kernel_args(sketch, klayout, x, np.ascontiguousarray(ends))
+    args = _kernel_args(sketch, klayout, x, ends if ends.flags.c_contiguous
+                        else np.ascontiguousarray(ends))
     aot = _KERNELS.aot()
     # the build declines arrays that are not of its compiled types; the JIT takes any
     done = aot.fold(args) if aot is not None else None

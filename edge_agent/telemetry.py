@@ -14,7 +14,7 @@ sketching happens on a fold thread, off the request path:
   answered it, label output and probabilities, and the fold decodes its codes and scores for
   the output sketch and for its prediction-log entry, while the fold keeps up;
 - a full stage (``stage_rows``) goes to the fold queue, which the fold thread empties with one
-  numba call per sketch (:func:`~edge_agent.sketching.update_sketch_segments`, GIL released).
+  numba call per sketch (:func:`~edge_agent.sketching.fold_stage`, GIL released).
   When more than ``fold_queue_rows`` rows wait, the request that overfilled the queue folds the
   oldest stages itself (backpressure: no row is ever dropped).
 
@@ -48,7 +48,7 @@ from edge_agent.concept_drift import Adwin
 from edge_agent.errors import AgentError
 from edge_agent.latency import LatencyHistogram
 from edge_agent.model import row_scores
-from edge_agent.sketching import KernelLayout, update_sketch_segments, warmup
+from edge_agent.sketching import KernelLayout, fold_stage, warmup
 from edge_agent.store import WindowRow
 from fleet_protocol.layouts import layouts_of
 from fleet_protocol.manifest import BundleManifest
@@ -370,8 +370,9 @@ class _Stage:
             bad = self.decode_deferred()
             if bad:
                 win.folded_nonfinite += bad
-        update_sketch_segments(win.inputs, win.model.k_in, self.rows[:n], self.ends)
-        update_sketch_segments(win.outputs, win.model.k_out, self.outputs[:n], self.ends)
+        ends = np.array(self.ends, dtype=np.int64)  # increasing, the last is n: as built
+        fold_stage(win.inputs, win.model.k_in, self.rows[:n], ends)
+        fold_stage(win.outputs, win.model.k_out, self.outputs[:n], ends)
 
 
 _Spare = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]

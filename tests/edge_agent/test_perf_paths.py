@@ -27,6 +27,7 @@ from edge_agent.config import AgentConfig, TelemetryConfig
 from edge_agent.model import Prediction
 from edge_agent.sketching import (
     KernelLayout,
+    fold_stage,
     update_sketch,
     update_sketch_segments,
     warmup,
@@ -475,14 +476,19 @@ def test_kernel_is_the_plain_python_arithmetic_bit_for_bit(case: Any) -> None:
 @SETTINGS
 @given(case=cases(max_batches=5, max_rows=60))
 def test_segments_are_the_same_bits_as_one_call_per_batch(case: Any) -> None:
-    """update_sketch_segments over concatenated batches equals update_sketch batch by batch."""
+    """update_sketch_segments over concatenated batches equals update_sketch batch by batch,
+    and so does fold_stage (the recorder's unchecked entry)."""
     kl = KernelLayout.from_layout(case.layout)
     one_by_one, segmented = Sketch.empty(case.layout), Sketch.empty(case.layout)
+    staged = Sketch.empty(case.layout)
     for batch in case.batches:
         update_sketch(one_by_one, kl, batch)
     ends = np.cumsum([len(b) for b in case.batches])
     update_sketch_segments(segmented, kl, np.concatenate(case.batches), ends)
     _same_bits(segmented, one_by_one)
+    fold_stage(staged, kl, np.ascontiguousarray(np.concatenate(case.batches)),
+               np.asarray(ends, dtype=np.int64))
+    _same_bits(staged, one_by_one)
 
 
 @pytest.mark.parametrize("n_edges", [2, 17, 512, 513, 700])
@@ -511,6 +517,9 @@ def test_a_bad_code_in_a_segment_names_it_and_keeps_the_batches_before() -> None
     with pytest.raises(SketchError, match=r"batch 1 \(rows 2..3\): feature 'c': row 1"):
         update_sketch_segments(sketch, kl, values, [2, 4, 5])
     assert sketch.feature_counts(0).tolist() == [1, 1, 0]
+    with pytest.raises(SketchError, match=r"batch 1 \(rows 2..3\): feature 'c': row 1"):
+        fold_stage(sketch, kl, values, np.array([2, 4, 5], dtype=np.int64))
+    assert sketch.feature_counts(0).tolist() == [2, 2, 0]
     with pytest.raises(SketchError, match="not increasing"):
         update_sketch_segments(sketch, kl, values, [3, 2, 5])
 
