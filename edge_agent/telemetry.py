@@ -294,7 +294,8 @@ class _Stage:
         self.labels = labels
         self.probs = probs
         #: deferred batches: (start, end, decoder, log entry's scores, log entry's codes)
-        self.deferred: list[tuple[int, int, CodeTable, np.ndarray, np.ndarray]] = []
+        self.deferred: list[tuple[int, int, CodeTable, np.ndarray | None,
+                                  np.ndarray | None]] = []
 
     def add(self, rows: np.ndarray, outputs: np.ndarray, scores: np.ndarray | None) -> None:
         """Copy a batch in (the copy is what makes it safe to fold on another thread)."""
@@ -308,9 +309,9 @@ class _Stage:
         self.ends.append(b)
 
     def add_deferred(self, rows: np.ndarray, raw_labels: np.ndarray, probabilities: np.ndarray,
-                     decoder: CodeTable, log_scores: np.ndarray, log_codes: np.ndarray) -> None:
-        """Copy a batch in with its outputs undecoded; the fold fills ``log_scores`` and
-        ``log_codes`` (its prediction-log entry) when it decodes them."""
+                     decoder: CodeTable) -> None:
+        """Copy a batch in with its outputs undecoded (:meth:`log_into` names its log
+        entry)."""
         a = self.n
         b = a + len(raw_labels)
         labels, probs = self.labels, self.probs
@@ -324,7 +325,14 @@ class _Stage:
         probs[a:b] = probabilities
         self.n = b
         self.ends.append(b)
-        self.deferred.append((a, b, decoder, log_scores, log_codes))
+        self.deferred.append((a, b, decoder, None, None))
+
+    def log_into(self, log_scores: np.ndarray, log_codes: np.ndarray) -> None:
+        """The prediction-log entry of the last deferred batch: the fold fills its scores and
+        codes when it decodes them. (Reserved after the batch is staged, so a batch that
+        could not be staged leaves no entry for the writer to read unfilled.)"""
+        a, b, decoder, _, _ = self.deferred[-1]
+        self.deferred[-1] = (a, b, decoder, log_scores, log_codes)
 
     def decode_deferred(self) -> int:
         """Decode every deferred batch into the output rows and its log entry; the number of
@@ -346,13 +354,16 @@ class _Stage:
                 scores = row_scores(self.probs[a:b])
             except BaseException:  # a bug: the log entries say "unknown", never stale bytes
                 for _, _, _, log_scores, log_codes in segments[i:j]:
-                    log_codes[...] = decoder.codes[0]
-                    log_scores[...] = np.nan
+                    if log_scores is not None and log_codes is not None:
+                        log_codes[...] = decoder.codes[0]
+                        log_scores[...] = np.nan
                 raise
             out = self.outputs[a:b]
             out[:, 0] = codes
             out[:, 1] = scores
             for start, end, _, log_scores, log_codes in segments[i:j]:
+                if log_scores is None or log_codes is None:
+                    continue  # its request failed before it had an entry
                 np.copyto(log_scores, scores[start - a:end - a])
                 # codes < len(label_text): they fit the log's narrow dtype
                 np.copyto(log_codes, codes[start - a:end - a], casting="unsafe")
@@ -524,13 +535,13 @@ class TelemetryRecorder:
                 win.raw_out_of_range += raw_out_of_range
                 win.raw_empty += raw_empty
             win.latency.record(latency_us)
-            first, log_scores, log_codes, flush_soon = reserve(owner, now,
-                                                               prediction.label_text, n_rows)
             stage = win.stage
             if stage is None or stage.n + n_rows > stage.capacity:
                 stage = self._stage_for(win, n_rows)
-            stage.add_deferred(rows, raw, probabilities, prediction.decoder, log_scores,
-                               log_codes)
+            stage.add_deferred(rows, raw, probabilities, prediction.decoder)
+            first, log_scores, log_codes, flush_soon = reserve(owner, now,
+                                                               prediction.label_text, n_rows)
+            stage.log_into(log_scores, log_codes)
             if stage.n == stage.capacity:
                 self._queue(stage)
                 win.stage = None

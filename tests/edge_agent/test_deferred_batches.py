@@ -147,3 +147,24 @@ def test_batches_are_decoded_on_the_request_while_the_fold_is_behind(
             assert _stored_labels(agent, r.ids) == singles
         (window,) = agent.store.windows()
         assert window.rows == 4 * 64 + 64
+
+
+def test_a_batch_that_cannot_be_staged_reserves_no_log_entry(agent: Agent) -> None:
+    """The log entry is reserved after the rows are staged: a failed staging leaves no entry
+    for the writer to read unfilled, and the agent goes on."""
+    X = _rows(40, seed=6)
+    undecoded = agent.predict(X).prediction
+    assert undecoded.raw_labels is not None
+    reserved: list[Any] = []
+
+    def reserve(*args: Any) -> Any:
+        reserved.append(args)
+        raise AssertionError("reserve must not be reached")
+
+    with pytest.raises(ValueError):  # 30 rows of features for 40 labels
+        agent.recorder.record_deferred(agent.serving().telemetry, agent.clock(), X[:30],
+                                       undecoded, 1.0, reserve, None)
+    assert reserved == []
+    result = agent.predict(X)
+    agent.flush()
+    assert _stored_labels(agent, result.ids) == result.labels.tolist()
