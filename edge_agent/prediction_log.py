@@ -126,13 +126,9 @@ class PendingLog:
             np.copyto(s, scores, casting="same_kind")
             self.entries.append(_Batch(first, ts, loaded, s, None, None, labels))
         else:
-            cdt = code_dtype(len(label_text))
-            buf = self._space(score_bytes + cdt.itemsize * n)
-            s = buf[:4 * n].view(_F4)
+            s, c = self._coded(first, ts, loaded, n, label_text)
             np.copyto(s, scores, casting="same_kind")
-            c = buf[score_bytes:score_bytes + cdt.itemsize * n].view(cdt)
             np.copyto(c, codes, casting="unsafe")  # codes < len(label_text): they fit
-            self.entries.append(_Batch(first, ts, loaded, s, c, label_text, None))
         self.run = None
         return len(self._chunks) >= FLUSH_SOON_CHUNKS
 
@@ -143,15 +139,22 @@ class PendingLog:
         caller to fill before the writer takes them (the fold does, see
         :meth:`edge_agent.telemetry.TelemetryRecorder.record_deferred`), and whether the
         writer should flush now, as :meth:`add_batch`."""
+        s, c = self._coded(first, ts, loaded, n, label_text)
+        self.run = None
+        self._deferred += 1
+        return s, c, len(self._chunks) >= FLUSH_SOON_CHUNKS
+
+    def _coded(self, first: int, ts: float, loaded: LoadedModel, n: int,
+               label_text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A batch entry logged by codes into ``label_text``: its float32 scores and narrowed
+        codes, carved from the chunks, not filled."""
         score_bytes = -(-4 * n // _ALIGN) * _ALIGN
         cdt = code_dtype(len(label_text))
         buf = self._space(score_bytes + cdt.itemsize * n)
         s = buf[:4 * n].view(_F4)
         c = buf[score_bytes:score_bytes + cdt.itemsize * n].view(cdt)
         self.entries.append(_Batch(first, ts, loaded, s, c, label_text, None))
-        self.run = None
-        self._deferred += 1
-        return s, c, len(self._chunks) >= FLUSH_SOON_CHUNKS
+        return s, c
 
     def _space(self, need: int) -> np.ndarray:
         """``need`` bytes, 8-aligned, in the current chunk, a free one or a new one."""

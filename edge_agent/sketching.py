@@ -261,10 +261,7 @@ def update_sketch_segments(
         )
     if x.shape[0] == 0:
         return
-    k, j, i = _fold(sketch, klayout, x, e)
-    if k >= 0:
-        start = int(e[k - 1]) if k else 0
-        _raise_bad_code(sketch, x[start:], j, i, f"batch {k} (rows {start}..{int(e[k]) - 1}): ")
+    fold_stage(sketch, klayout, x, e)
 
 
 def fold_stage(sketch: Sketch, klayout: KernelLayout, values: np.ndarray,

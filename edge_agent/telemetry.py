@@ -489,20 +489,29 @@ class TelemetryRecorder:
         caller may reuse its arrays) and folded later, on the fold thread.
         """
         rows = model.feature_rows(feats) if not isinstance(feats, np.ndarray) else feats
-        n_rows = len(outputs)
-        now = self.clock()
         with self._lock:
-            if self._singles:  # single rows served before this batch are staged before it
-                self._take_singles()
-            win = self._window(model.key, now)
-            win.requests += 1
-            win.rows += n_rows
-            win.raw_out_of_range += raw_out_of_range
-            win.raw_empty += raw_empty
+            win = self._count_batch(model, self.clock(), len(outputs), latency_us,
+                                    raw_out_of_range, raw_empty)
             win.nonfinite_outputs += nonfinite
-            win.latency.record(latency_us)
             self._stage(win, rows, outputs, scores)
         self._after_staging()
+
+    def _count_batch(self, model: ModelTelemetry, now: float, n_rows: int, latency_us: float,
+                     raw_out_of_range: int, raw_empty: int) -> ModelWindow:
+        """The window a batch served at ``now`` belongs to, with the batch counted in it
+        (under _lock; single rows served before it are staged first)."""
+        if self._singles:
+            self._take_singles()
+        win = self._open.get(model.key)
+        if win is None or now >= win.end:
+            win = self._window(model.key, now)
+        win.requests += 1
+        win.rows += n_rows
+        if raw_out_of_range or raw_empty:
+            win.raw_out_of_range += raw_out_of_range
+            win.raw_empty += raw_empty
+        win.latency.record(latency_us)
+        return win
 
     def record_deferred(self, model: ModelTelemetry, now: float,
                         feats: np.ndarray | dict[str, np.ndarray], prediction: Prediction,
@@ -524,17 +533,8 @@ class TelemetryRecorder:
         assert raw is not None and probabilities is not None and prediction.decoder is not None
         n_rows = len(raw)
         with self._lock:
-            if self._singles:  # single rows served before this batch are staged before it
-                self._take_singles()
-            win = self._open.get(model.key)
-            if win is None or now >= win.end:
-                win = self._window(model.key, now)
-            win.requests += 1
-            win.rows += n_rows
-            if raw_out_of_range or raw_empty:
-                win.raw_out_of_range += raw_out_of_range
-                win.raw_empty += raw_empty
-            win.latency.record(latency_us)
+            win = self._count_batch(model, now, n_rows, latency_us, raw_out_of_range,
+                                    raw_empty)
             stage = win.stage
             if stage is None or stage.n + n_rows > stage.capacity:
                 stage = self._stage_for(win, n_rows)
