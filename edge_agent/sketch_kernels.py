@@ -11,8 +11,10 @@ gateway and an ARM device produce the same bits. ``nogil=True`` lets the serving
 while the fold thread folds.
 
 How it is fast without fastmath: a numeric column is copied out (widened to float64: the agent
-stages float32 rows, exact in it) in one pass that also takes its NaNs, overflow, count, min and
-max; then it is counted by edge instead of binned by value: for each edge, how many values are
+stages float32 rows, exact in it); one branch-free pass over the copy takes its NaNs, overflow,
+and the count, min and max of its values within the moment limit, min and max as integer order
+keys (float min and max do not vectorise without fastmath; integer ones do); then it is counted
+by edge instead of binned by value: for each edge, how many values are
 ``>= edge``, a compare summed over the column that LLVM vectorises (integer adds), with no
 per-value search (whose branches mispredict on every row) and no histogram (whose increments of
 the same bin wait on each other); neighbouring counts give the bins. The moment passes run
@@ -69,6 +71,42 @@ def _first_bad_code(
                 return j, i
     return -1, -1
 
+# Order keys: a float64's bits as int64, with the 63 low bits flipped when the sign is set,
+# order the non-NaN values as the floats do, with -0.0 below +0.0 (IEEE 754's totalOrder
+# without NaNs). min and max of integer keys vectorise; of floats, without fastmath, they do
+# not (a compare-and-select chain per value). The same map turns a key back into its float.
+_LOW_BITS = np.int64(0x7FFFFFFFFFFFFFFF)
+_KEY_MAX = np.int64(0x7FFFFFFFFFFFFFFF)
+_KEY_MIN = np.int64(-0x7FFFFFFFFFFFFFFF - 1)
+# |x| <= MOMENT_LIMIT as an integer compare of |x|'s bits (NaN's bits are above +inf's)
+_LIMIT_BITS = np.int64(np.array(MOMENT_LIMIT, dtype=np.float64).view(np.int64)[()])
+
+
+@_jit
+def _column_stats(col: np.ndarray, bits: np.ndarray, n: int,
+                  last: float) -> tuple[int, int, int, np.int64, np.int64]:
+    """Of ``col[:n]`` (``bits``: ``col`` viewed as int64): its NaNs, its values ``> last``,
+    and the count and the least and greatest order keys of its values within MOMENT_LIMIT
+    (``_KEY_MAX`` and ``_KEY_MIN`` when there are none). One branch-free pass that LLVM
+    vectorises: 1024 values in ~0.25 µs, against ~0.6 µs for float compares and branches.
+    """
+    n_nan = 0
+    n_over = 0
+    n_in = 0
+    lo = _KEY_MAX
+    hi = _KEY_MIN
+    for i in range(n):
+        x = col[i]
+        v = bits[i]
+        n_nan += x != x
+        n_over += x > last
+        inside = (v & _LOW_BITS) <= _LIMIT_BITS
+        n_in += inside
+        k = v ^ ((v >> 63) & _LOW_BITS)
+        lo = min(lo, k if inside else _KEY_MAX)
+        hi = max(hi, k if inside else _KEY_MIN)
+    return n_nan, n_over, n_in, lo, hi
+
 
 @_jit
 def _update_kernel(
@@ -86,8 +124,9 @@ def _update_kernel(
 ) -> tuple[int, int]:
     """Fold ``values`` into the sketch arrays; (feature, row) of a bad code, else (-1, -1).
 
-    Per numeric feature: copy its column out, bin it (vectorised), histogram the slots, and take
-    the count, first value (the shift), min and max of the in-limit values in row order. Then
+    Per numeric feature: copy its column out, take the count, min and max of its in-limit
+    values (min and max in IEEE 754's total order, so -0.0 is below +0.0) and the first of them
+    in row order (the shift), and bin it by edge counts (vectorised). Then
     the two moment passes run row-major with one accumulator per feature: each feature's sum is
     still taken in row order (the same bits as a column loop), but the features' dependency
     chains interleave instead of waiting on each other's float latency.
@@ -99,6 +138,9 @@ def _update_kernel(
     # the column widened to float64 (float32 values are exact in it), binned by float64
     # compares: four lanes of compare results are four int64 lanes of counts
     col = np.empty(n_rows, dtype=np.float64)
+    bits = col.view(np.int64)
+    key = np.empty(1, dtype=np.int64)  # a float64's bits: key[0] = bits, read key_value[0]
+    key_value = key.view(np.float64)
     slots = np.empty(n_rows, dtype=np.int64)
     hist = np.empty((int(n_slots.max()) if n_features else 0) + 2, dtype=np.int64)
     n_in = np.zeros(n_features, dtype=np.int64)
@@ -123,30 +165,22 @@ def _update_kernel(
         # (and +inf) in the overflow; NaN (missing) compares false everywhere.
         start = edge_start[j]
         last = last_edge[j]
-        # One pass copies the column out and takes what needs no edge: NaNs, the overflow, and
-        # the count, first value (the shift), min and max of the values within MOMENT_LIMIT
-        # (False for NaN), in row order as in the reference.
-        n_nan = 0
-        n_over = 0
-        n = 0
-        lo_j = math.inf
-        hi_j = -math.inf
+        # The column is copied out, then one vectorised pass takes what needs no edge: NaNs,
+        # the overflow, and the count, min and max of the values within MOMENT_LIMIT (False
+        # for NaN); the shift is the first of those in row order, as in the reference.
         for i in range(n_rows):
-            x = values[i, j]
-            col[i] = x
-            n_nan += x != x
-            n_over += x > last
-            if abs(x) <= MOMENT_LIMIT:
-                if n == 0:
-                    shift[j] = x
-                n += 1
-                if x < lo_j:
-                    lo_j = x
-                if x > hi_j:
-                    hi_j = x
+            col[i] = values[i, j]
+        n_nan, n_over, n, key_lo, key_hi = _column_stats(col, bits, n_rows, last)
+        if n:
+            first = 0
+            while not abs(col[first]) <= MOMENT_LIMIT:
+                first += 1
+            shift[j] = col[first]
+            key[0] = key_lo ^ ((key_lo >> 63) & _LOW_BITS)
+            lo[j] = key_value[0]
+            key[0] = key_hi ^ ((key_hi >> 63) & _LOW_BITS)
+            hi[j] = key_value[0]
         n_in[j] = n
-        lo[j] = lo_j
-        hi[j] = hi_j
         missing[j] += n_nan
         if m - 1 <= _LINEAR_MAX_EDGES:
             # Counted by edge, not by value: with G_k = #(x >= e_k) for the edges but the last,

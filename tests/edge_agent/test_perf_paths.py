@@ -433,9 +433,10 @@ def python_reference(sketch: Sketch, values: np.ndarray) -> None:
         lo, hi = math.inf, -math.inf
         for x in kept:
             acc += x - shift
-            if x < lo:
+            # min and max in IEEE 754's total order: -0.0 is below +0.0
+            if (x, math.copysign(1.0, x)) < (lo, math.copysign(1.0, lo)):
                 lo = x
-            if x > hi:
+            if (x, math.copysign(1.0, x)) > (hi, math.copysign(1.0, hi)):
                 hi = x
         mean_b = shift + acc / len(kept)
         m2_b = 0.0
@@ -489,6 +490,34 @@ def test_segments_are_the_same_bits_as_one_call_per_batch(case: Any) -> None:
     fold_stage(staged, kl, np.ascontiguousarray(np.concatenate(case.batches)),
                np.asarray(ends, dtype=np.int64))
     _same_bits(staged, one_by_one)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_moment_range_and_signed_zeros_by_hand(dtype: type) -> None:
+    """The batch min and max: over values within MOMENT_LIMIT only, -0.0 below +0.0 in
+    whichever order the zeros come; the shift is the first value within the limit."""
+    beyond = np.nextafter(MOMENT_LIMIT, np.inf)
+    layout = SketchLayout((FeatureLayout("x", "numeric", edges=(-1.0, 1.0)),))
+    kl = KernelLayout.from_layout(layout)
+    if dtype is np.float32:
+        big = float(np.float32(-3.0e38))
+        cases = [([np.inf, np.nan, 0.0, -0.0, 2.5, big], (4.0, big, 2.5)),
+                 ([-0.0, 0.0, -np.inf], (2.0, -0.0, 0.0))]
+    else:
+        cases = [([beyond, np.nan, MOMENT_LIMIT, -MOMENT_LIMIT, -beyond, 0.0, -0.0],
+                  (4.0, -MOMENT_LIMIT, MOMENT_LIMIT)),
+                 ([0.0, -0.0], (2.0, -0.0, 0.0)), ([-0.0, 0.0], (2.0, -0.0, 0.0)),
+                 ([0.0, 0.0], (2.0, 0.0, 0.0)), ([-0.0, -0.0], (2.0, -0.0, -0.0)),
+                 ([np.inf, -np.inf, np.nan], (0.0, np.inf, -np.inf))]
+    for col, (count, lo, hi) in cases:
+        values = np.array(col, dtype=dtype)[:, None]
+        sketch, ref = Sketch.empty(layout), Sketch.empty(layout)
+        update_sketch(sketch, kl, values)
+        python_reference(ref, values.astype(np.float64))
+        _same_bits(sketch, ref)
+        got = sketch.moments[0]
+        assert got[0] == count, col
+        assert np.array([got[3], got[4]]).tobytes() == np.array([lo, hi]).tobytes(), col
 
 
 @pytest.mark.parametrize("n_edges", [2, 17, 512, 513, 700])
