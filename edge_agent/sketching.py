@@ -39,13 +39,14 @@ how it is fast.
 Measured cost (2-vCPU x86-64 cloud VM, numba 0.68, after JIT; thread CPU time, best of repeats
 on a host shared with other jobs): 1024 rows x 16 numeric features with 17 edges take 28 µs
 per call from float32 rows, 30 µs from float64 (1.7 ns per value; 38-40 µs before the column
-statistics took integer order keys, measured the same way in one session; binning
-each value by 16 compare-adds and a histogram took 82-100 µs, a per-value search 345-355 µs,
-the numpy reference 1.1-1.6 ms per 256 rows), from the JIT or the ahead-of-time build alike. A call has a fixed cost of 2-5 µs (checks and dispatch; the
-build's check of the arguments against its compiled types costs about what the JIT's dispatch
-does), so batch. ``RowBuffer.append`` of a 16-float float64 row takes 0.4-0.8 µs. The first
-call in a fresh process imports the build in about 2 ms, or JIT-compiles for about 3 s, or loads
-numba's on-disk cache in about 0.4 s: call :func:`warmup` at start-up.
+statistics took integer order keys, measured the same way in one session; binning each value
+by 16 compare-adds and a histogram took 82-100 µs, a per-value search 345-355 µs, the numpy
+reference 1.1-1.6 ms per 256 rows), from the JIT or the ahead-of-time build alike. A call has a
+fixed cost of 2-5 µs (checks and dispatch; the build's check of the arguments against its
+compiled types costs about what the JIT's dispatch does), so batch. ``RowBuffer.append`` of a
+16-float float64 row takes 0.4-0.8 µs. The first call in a fresh process imports the build in
+about 2 ms, or JIT-compiles for about 3 s, or loads numba's on-disk cache in about 0.4 s: call
+:func:`warmup` at start-up.
 """
 
 from __future__ import annotations

@@ -50,8 +50,10 @@ from edge_agent.latency import LatencyHistogram
 from edge_agent.model import row_scores
 from edge_agent.sketching import KernelLayout, fold_stage, warmup
 from edge_agent.store import WindowRow
+from fleet_protocol.errors import SketchError
 from fleet_protocol.layouts import layouts_of
 from fleet_protocol.manifest import BundleManifest
+from fleet_protocol.residuals import ResidualSketch
 from fleet_protocol.sketch import Sketch, SketchLayout
 
 if TYPE_CHECKING:
@@ -156,7 +158,8 @@ class ModelWindow:
     raw_empty: int = 0
     feedback: int = 0
     confusion: np.ndarray | None = None
-    residual: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # n, sum|e|, sum e^2
+    #: a regressor's feedback: the residuals truth - prediction (MAE, RMSE, bias, quantiles)
+    residual: ResidualSketch = field(default_factory=ResidualSketch)
     concept_drift: int = 0
     #: shadow runs of this (green) model compared with what blue answered
     shadow_compared: int = 0
@@ -224,9 +227,8 @@ class ModelWindow:
             out["feedback"]["accuracy"] = (float(np.trace(self.confusion)) / total
                                            if total else None)
         else:
-            n, abs_sum, sq_sum = self.residual
-            out["feedback"]["mae"] = abs_sum / n if n else None
-            out["feedback"]["rmse"] = math.sqrt(sq_sum / n) if n else None
+            out["feedback"].update(self.residual.summary())
+            out["feedback"]["residuals"] = self.residual.to_dict()
         return out
 
     def row(self, closed: bool, now: float, rss_bytes: int | None) -> WindowRow:
@@ -265,6 +267,12 @@ class ModelWindow:
         self.concept_drift += int(fb.get("concept_drift_detections", 0))
         if self.confusion is not None and fb.get("confusion") is not None:
             self.confusion += np.asarray(fb["confusion"], dtype=np.int64)
+        if fb.get("residuals") is not None:
+            try:
+                self.residual += ResidualSketch.from_dict(fb["residuals"])
+            except SketchError as err:  # the rest of the checkpoint still counts
+                log.warning("window %s %s from %s: its residual sketch is not restored: %s",
+                            self.model.name, self.model.version, self.start, err)
 
 
 class _Stage:
@@ -833,11 +841,13 @@ class TelemetryRecorder:
                 residual = None
             else:
                 residual = float(truth) - float(predicted_value or 0.0)
-                win.residual[0] += 1
-                win.residual[1] += abs(residual)
-                win.residual[2] += residual * residual
-                drift = self._adwin[key].update(abs(residual))
                 correct = None
+                if math.isfinite(residual):
+                    win.residual.add(residual)
+                    drift = self._adwin[key].update(abs(residual))
+                else:  # the model answered NaN or inf (served and counted): no error to add
+                    residual = None
+                    drift = False
             if drift:
                 win.concept_drift += 1
             return correct, residual, drift
