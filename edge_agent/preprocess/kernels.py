@@ -13,6 +13,12 @@ Numeric notes:
 - ``fastmath=False`` everywhere, so LLVM may neither reorder sums nor fuse multiply-adds: the
   training machine and an ARM device do the same operations in the same order (the only
   platform-dependent bits are libm's cos in the FFT twiddle table).
+- Every sum of ``window_features`` (sum(x - x0), sum(x*x), the central sums and the band
+  energies) runs in ``_LANES`` = 64 lanes: term j goes to lane j % 64, each lane adds its
+  terms in order starting from 0.0, and the lanes are folded in halves, lane[k] += lane[k + w]
+  for w = 32, 16, .., 1 (``reference.lane_sum`` is the same order in plain Python). The order
+  is fixed by the code, not by the vector width, so it is the same on every machine; the loops
+  over a block of 64 lanes are elementwise, which LLVM vectorises without reassociating.
 - Central moments are two-pass (mean first). The mean is shifted by the row's first sample,
   ``mean = x0 + sum(x - x0) / n``, so a constant row gives deviations of exactly 0 and hence
   skew, kurtosis and band energies of exactly 0 rather than values made of rounding noise.
@@ -21,19 +27,21 @@ Numeric notes:
 - Band energies use an iterative radix-2 FFT (``spectrum.py``; np.fft is not available in
   numba): the real signal is packed into a half-length complex FFT. Its tables (twiddles and
   the bit-reversal permutation) come from ``twiddles_for``, kept per width, or are built per
-  call by ``window_features``.
-- Speed-ups keep the results' bits: the sums run in the order above, and where a loop was
-  split or reordered (min and max kept in two lanes, FFT stages fused into passes) the
-  operations are exact or the same ones in the same order.
+  call by ``window_features``. Each band is a lane sum of its bins; the total is the bands'
+  energies added with b ascending.
+- Min, max and the sign-change count are exact in any order (min and max are kept per lane).
 
-Measured cost (2-vCPU Intel Xeon cloud VM, AVX2/AVX-512, numba 0.68, after JIT, medians of
+Measured cost (2-vCPU AMD EPYC (Zen 5) cloud VM, AVX-512, numba 0.68, after JIT, medians of
 interleaved runs on a shared and noisy host): ``window_features_with`` with all features, 4
-bands and the cached tables takes about 4 µs per 1024-sample window in a batch of 1000 windows
-(1.7 µs without ``bands``) and about 4.6-4.9 µs for a batch of one window, of which ~0.4 µs is
-the call itself; ``window_features`` builds the tables per call (+~2.5 µs). The FFT is
-~1.6 µs of a window; the two passes of scalar features are bounded by the latency of their
-in-order sums. ``run_spec`` adds about 9 µs of spec and input validation per call.
-``peak_normalize``, ``rms_normalize`` and ``trim_silence`` take 1.5-2 µs per 1024-sample window.
+bands and the cached tables takes about 2.2-2.3 µs per 1024-sample window in a batch of 1000
+windows and about 3.0 µs for a batch of one window, of which ~0.8 µs is the call itself
+(unboxing the arguments, boxing the result) and ~0.75 µs all but the bands; ``window_features``
+builds the tables per call (+~2.5 µs). Of a window, the FFT takes ~1.2 µs, the two passes of
+scalar features ~0.5 µs and the band sums ~0.15 µs. With one in-order accumulator per sum
+(latency-bound) and the earlier FFT schedule the same one-window call took 4.7-5.0 µs.
+``run_spec`` adds about 9 µs of spec and input validation per call. ``peak_normalize``,
+``rms_normalize`` and ``trim_silence`` take 1.5-2 µs per 1024-sample window (the one sum
+among them, rms_normalize's, keeps a single in-order accumulator).
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ import math
 import numba
 import numpy as np
 
-from edge_agent.preprocess.spectrum import FFTTables, fft_tables, half_spectrum_power
+from edge_agent.preprocess.spectrum import FFTTables, fft_tables, half_spectrum_power_of
 
 __all__ = [
     "FEATURE_BANDS",
@@ -64,6 +72,12 @@ N_SCALAR_FEATURES = 8
 FEATURE_BANDS = 8
 
 _jit = numba.njit(cache=True, fastmath=False, nogil=True)
+
+# Masking the sign bit off an index tells LLVM it is non-negative (see spectrum.py).
+_NONNEG = (1 << 63) - 1
+
+# Lanes of the scalar features' sums (see _first_pass); a power of two.
+_LANES = 64
 
 
 @_jit
@@ -196,117 +210,132 @@ def window_features(X: np.ndarray, codes: np.ndarray, n_bands: int) -> np.ndarra
 
 
 @_jit
-def _first_pass(row: np.ndarray, n: int) -> tuple[float, float, float, float, int]:
-    """sum(x - x0), sum(x * x) (both in order), min, max and sign changes of row[:n] (n >= 1).
+def _fold_sum(v: np.ndarray) -> float:
+    """Sum of the lanes v[:_LANES] folded in halves: v[k] += v[k + w], w = 32, 16, .., 1.
 
-    Two elements per step, each with its own running min and max: one compare-and-select chain
-    for min and one for max, a step per element, bounded this loop more than the sums did. Min
-    and max do not depend on the order; the sums keep theirs.
+    Overwrites v. Each fold is one elementwise (vectorised) step, in a fixed order.
+    """
+    width = _LANES
+    while width > 1:
+        width //= 2
+        for k in range(width):
+            v[k] = v[k] + v[k + width]
+    return v[0]
+
+
+@_jit
+def _first_pass(row: np.ndarray, n: int,
+                lanes: np.ndarray) -> tuple[float, float, float, float, int]:
+    """sum(x - x0), sum(x * x), min, max and sign changes of row[:n] (n >= 1).
+
+    The sums run in ``_LANES`` lanes (element j goes to lane j % _LANES, each lane sums in
+    order) folded by :func:`_fold_sum`; min and max are kept per lane as well and folded the
+    same way, which is exact. ``lanes`` is scratch of 4 * _LANES values. The loop over a block
+    of lanes is elementwise, so LLVM vectorises it without reassociating any sum; full blocks
+    and the last partial one are separate loops because a trip count of exactly _LANES lets LLVM
+    drop most of its run-time overlap checks (1.7x faster than one loop with a variable width).
+    The sign changes are counted in a loop of their own, which LLVM vectorises too.
     """
     x0 = row[0]
-    s = 0.0
-    sq = 0.0
-    lo_even = lo_odd = hi_even = hi_odd = x0
+    s = lanes[:_LANES]
+    sq = lanes[_LANES : 2 * _LANES]
+    lo = lanes[2 * _LANES : 3 * _LANES]
+    hi = lanes[3 * _LANES : 4 * _LANES]
+    s[:] = 0.0
+    sq[:] = 0.0
+    lo[:] = x0
+    hi[:] = x0
+    full = n - n % _LANES
+    for base in range(0, full, _LANES):
+        base = base & _NONNEG
+        for k in range(_LANES):
+            x = row[(base + k) & _NONNEG]
+            s[k] = s[k] + (x - x0)
+            sq[k] = sq[k] + x * x
+            lo[k] = x if x < lo[k] else lo[k]
+            hi[k] = x if x > hi[k] else hi[k]
+    for k in range(n - full):
+        x = row[(full + k) & _NONNEG]
+        s[k] = s[k] + (x - x0)
+        sq[k] = sq[k] + x * x
+        lo[k] = x if x < lo[k] else lo[k]
+        hi[k] = x if x > hi[k] else hi[k]
+    width = _LANES
+    while width > 1:
+        width //= 2
+        for k in range(width):
+            lo[k] = lo[k + width] if lo[k + width] < lo[k] else lo[k]
+            hi[k] = hi[k + width] if hi[k + width] > hi[k] else hi[k]
     crossings = 0
-    previous = x0 >= 0.0
-    for jj in range(n // 2):
-        x = row[2 * jj]
-        y = row[2 * jj + 1]
-        s += x - x0
-        sq += x * x
-        s += y - x0
-        sq += y * y
-        if x < lo_even:
-            lo_even = x
-        if x > hi_even:
-            hi_even = x
-        if y < lo_odd:
-            lo_odd = y
-        if y > hi_odd:
-            hi_odd = y
-        x_sign = x >= 0.0
-        y_sign = y >= 0.0
-        crossings += (x_sign != previous) + (y_sign != x_sign)
-        previous = y_sign
-    if n % 2:
-        x = row[n - 1]
-        s += x - x0
-        sq += x * x
-        if x < lo_even:
-            lo_even = x
-        if x > hi_even:
-            hi_even = x
-        crossings += (x >= 0.0) != previous
-    lo = lo_odd if lo_odd < lo_even else lo_even
-    hi = hi_odd if hi_odd > hi_even else hi_even
-    return s, sq, lo, hi, crossings
+    for j in range(1, n):
+        crossings += (row[j] >= 0.0) != (row[j - 1] >= 0.0)
+    return _fold_sum(s), _fold_sum(sq), lo[0], hi[0], crossings
 
 
 @_jit
-def _central_sums(row: np.ndarray, n: int, mean: float) -> tuple[float, float, float]:
-    """Sums of d**2, d**3 and d**4 for d = row[:n] - mean, in order."""
-    m2 = 0.0
-    m3 = 0.0
-    m4 = 0.0
-    for j in range(n):
-        d = row[j] - mean
-        d2 = d * d
-        m2 += d2
-        m3 += d2 * d
-        m4 += d2 * d2
-    return m2, m3, m4
+def _central_sums(row: np.ndarray, n: int, mean: float, lanes: np.ndarray,
+                  dev: np.ndarray) -> tuple[float, float, float]:
+    """Sums of d**2, d**3 and d**4 for d = row[:n] - mean, in the lanes of :func:`_first_pass`.
 
-
-@_jit
-def _central_sums_to_fft(row: np.ndarray, n: int, mean: float, re: np.ndarray, im: np.ndarray,
-                         rev: np.ndarray, shift: int) -> tuple[float, float, float]:
-    """:func:`_central_sums`, also writing d as the input of ``spectrum.half_spectrum_power``.
-
-    z_j = d_2j + i*d_2j+1 goes to the bit-reversed position ``rev[j] >> shift``. The caller
-    zeroes re/im first when the signal is shorter than the FFT's 2 * len(re) samples.
+    Also writes d to dev[:n] (the FFT's input). ``lanes`` is scratch of 3 * _LANES values.
     """
-    m2 = 0.0
-    m3 = 0.0
-    m4 = 0.0
-    for jj in range(n // 2):
-        p = rev[jj] >> shift
-        d = row[2 * jj] - mean
+    m2 = lanes[:_LANES]
+    m3 = lanes[_LANES : 2 * _LANES]
+    m4 = lanes[2 * _LANES : 3 * _LANES]
+    m2[:] = 0.0
+    m3[:] = 0.0
+    m4[:] = 0.0
+    full = n - n % _LANES
+    for base in range(0, full, _LANES):
+        base = base & _NONNEG
+        for k in range(_LANES):
+            j = (base + k) & _NONNEG
+            d = row[j] - mean
+            dev[j] = d
+            d2 = d * d
+            m2[k] = m2[k] + d2
+            m3[k] = m3[k] + d2 * d
+            m4[k] = m4[k] + d2 * d2
+    for k in range(n - full):
+        j = (full + k) & _NONNEG
+        d = row[j] - mean
+        dev[j] = d
         d2 = d * d
-        m2 += d2
-        m3 += d2 * d
-        m4 += d2 * d2
-        re[p] = d
-        d = row[2 * jj + 1] - mean
-        d2 = d * d
-        m2 += d2
-        m3 += d2 * d
-        m4 += d2 * d2
-        im[p] = d
-    if n % 2:
-        d = row[n - 1] - mean
-        d2 = d * d
-        m2 += d2
-        m3 += d2 * d
-        m4 += d2 * d2
-        re[rev[n // 2] >> shift] = d
-    return m2, m3, m4
+        m2[k] = m2[k] + d2
+        m3[k] = m3[k] + d2 * d
+        m4[k] = m4[k] + d2 * d2
+    return _fold_sum(m2), _fold_sum(m3), _fold_sum(m4)
 
 
 @_jit
-def _band_energies(power: np.ndarray, h: int, bands: np.ndarray) -> None:
+def _lane_sum(x: np.ndarray, start: int, stop: int, lanes: np.ndarray) -> float:
+    """Sum of x[start:stop] in the lanes of :func:`_first_pass` (x[start + j] goes to lane j %
+    _LANES), folded by :func:`_fold_sum`. ``lanes`` is scratch of _LANES values."""
+    v = lanes[:_LANES]
+    v[:] = 0.0
+    full = stop - (stop - start) % _LANES
+    for base in range(start, full, _LANES):
+        base = base & _NONNEG
+        for k in range(_LANES):
+            v[k] = v[k] + x[(base + k) & _NONNEG]
+    for k in range(stop - full):
+        v[k] = v[k] + x[(full + k) & _NONNEG]
+    return _fold_sum(v)
+
+
+@_jit
+def _band_energies(power: np.ndarray, h: int, bands: np.ndarray, lanes: np.ndarray) -> None:
     """bands[b] = energy of bins 1..h in slice b over the total (all 0 when the total is 0).
 
-    The total and each slice are summed with k ascending, both in one pass.
+    Each slice is a :func:`_lane_sum`; the total is the slices' energies summed with b
+    ascending. ``lanes`` is scratch of _LANES values.
     """
     n_bands = bands.shape[0]
     total = 0.0
     for b in range(n_bands):
-        e = 0.0
-        for k in range(1 + b * h // n_bands, 1 + (b + 1) * h // n_bands):
-            p = power[k]
-            e += p
-            total += p
+        e = _lane_sum(power, 1 + b * h // n_bands, 1 + (b + 1) * h // n_bands, lanes)
         bands[b] = e
+        total += e
     for b in range(n_bands):
         bands[b] = bands[b] / total if total > 0.0 else 0.0
 
@@ -323,33 +352,29 @@ def window_features_with(X: np.ndarray, codes: np.ndarray, n_bands: int, w_re: n
         if c == FEATURE_BANDS:
             want_bands = True
     points = _next_pow2(width) // 2 if want_bands else 0
-    # One scratch allocation: FFT real and imaginary parts, power, band energies, scalars.
-    work = np.empty(3 * points + 1 + n_bands + N_SCALAR_FEATURES)
-    re = work[:points]
-    im = work[points : 2 * points]
-    power = work[2 * points : 3 * points + 1]
-    bands = work[3 * points + 1 : 3 * points + 1 + n_bands]
-    scalars = work[3 * points + 1 + n_bands :]
+    # One scratch allocation: the lanes of the sums, the deviations (zero-padded to the FFT's
+    # length when it runs), FFT real and imaginary parts, power, band energies, scalars. The
+    # vectorised loops' arrays start at multiples of 8 values (64 bytes) into it.
+    n_dev = (max(2 * points, width) + 7) // 8 * 8
+    work = np.empty(4 * _LANES + n_dev + 3 * points + 1 + n_bands + N_SCALAR_FEATURES)
+    lanes = work[: 4 * _LANES]
+    dev = work[4 * _LANES : 4 * _LANES + n_dev]
+    at = 4 * _LANES + n_dev
+    re = work[at : at + points]
+    im = work[at + points : at + 2 * points]
+    power = work[at + 2 * points : at + 3 * points + 1]
+    bands = work[at + 3 * points + 1 : at + 3 * points + 1 + n_bands]
+    scalars = work[at + 3 * points + 1 + n_bands :]
 
     for i in range(n_rows):
         row = X[i]
         n = _row_length(row)
         if n == 0:
             continue
-        s, sq, lo, hi, crossings = _first_pass(row, n)
+        s, sq, lo, hi, crossings = _first_pass(row, n, lanes)
         mean = row[0] + s / n
+        m2, m3, m4 = _central_sums(row, n, mean, lanes, dev)
         with_spectrum = want_bands and n >= 2
-        h = _next_pow2(n) // 2
-        if with_spectrum:
-            shift = 0
-            while (h << shift) < points:
-                shift += 1
-            if 2 * h > n:
-                re[:h] = 0.0
-                im[:h] = 0.0
-            m2, m3, m4 = _central_sums_to_fft(row, n, mean, re, im, rev, shift)
-        else:
-            m2, m3, m4 = _central_sums(row, n, mean)
         m2 /= n
         m3 /= n
         m4 /= n
@@ -361,7 +386,7 @@ def window_features_with(X: np.ndarray, codes: np.ndarray, n_bands: int, w_re: n
             peak = -lo
         ptp = hi - lo
         if ptp == 0.0:
-            ptp = 0.0  # never -0.0: the two lanes of _first_pass may keep different zeros
+            ptp = 0.0  # never -0.0: the lanes of _first_pass may keep different zeros
         scalars[_MEAN] = mean
         scalars[_STD] = math.sqrt(m2)
         scalars[_RMS] = rms
@@ -372,8 +397,10 @@ def window_features_with(X: np.ndarray, codes: np.ndarray, n_bands: int, w_re: n
         scalars[_ZCR] = crossings / (n - 1) if n >= 2 else 0.0
 
         if with_spectrum:
-            half_spectrum_power(h, re, im, power, w_re, w_im)
-            _band_energies(power, h, bands)
+            h = _next_pow2(n) // 2
+            dev[n : 2 * h] = 0.0
+            half_spectrum_power_of(dev, h, rev, re, im, power, w_re, w_im)
+            _band_energies(power, h, bands, lanes)
         elif want_bands:
             bands[:] = 0.0
 

@@ -3,10 +3,11 @@
 Each function mirrors its kernel in ``kernels.py`` (``fft_radix2``: the FFT in ``spectrum.py``)
 with loops over Python floats and ``math`` / ``cmath`` only: numpy appears solely to unpack
 the input rows and pack the result. The arithmetic follows the same definitions and summation
-order as the kernels (shifted two-pass mean, ``m2 * sqrt(m2)`` for m2**1.5), except that band
-energies come from a direct DFT rather than an FFT, so the two implementations agree to
-rounding and a wrong kernel shows up as a disagreement. Far too slow for production; never
-imported by the agent.
+order as the kernels (shifted two-pass mean, every sum of the scalar features in the lanes of
+:func:`lane_sum`, ``m2 * sqrt(m2)`` for m2**1.5), so the scalar features are the kernels' bit
+for bit. Band energies come from a direct DFT rather than an FFT and are summed with
+``math.fsum``, so they agree with the kernel's to rounding, and a wrong kernel shows up as a
+disagreement. Far too slow for production; never imported by the agent.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = [
+    "LANES",
     "fft_radix2",
+    "lane_sum",
     "peak_normalize",
     "rms_normalize",
     "row_features",
@@ -133,6 +136,24 @@ def fft_radix2(
     return xr, xi
 
 
+# Lanes of the kernels' sums: kernels._LANES (the tests check that the two agree).
+LANES = 64
+
+
+def lane_sum(terms: Sequence[float]) -> float:
+    """The kernels' order of a sum: term j goes to lane j % LANES, each lane adds in order from
+    0.0, then the lanes fold in halves: lane[k] += lane[k + w] for w = LANES/2, .., 2, 1."""
+    lanes = [0.0] * LANES
+    for j, t in enumerate(terms):
+        lanes[j % LANES] += t
+    width = LANES
+    while width > 1:
+        width //= 2
+        for k in range(width):
+            lanes[k] = lanes[k] + lanes[k + width]
+    return lanes[0]
+
+
 def _band_energies(deviations: list[float], n_bands: int) -> list[float]:
     """Relative band energies of the mean-removed signal by a direct DFT."""
     n = len(deviations)
@@ -168,24 +189,13 @@ def row_features(row: Sequence[float], features: Sequence[str], n_bands: int) ->
     if n == 0:
         return [_NAN] * width
     x0 = values[0]
-    s = 0.0
-    sq = 0.0
-    for x in values:
-        s += x - x0
-        sq += x * x
-    mean = x0 + s / n
-    m2 = m3 = m4 = 0.0
-    deviations = []
-    for x in values:
-        d = x - mean
-        deviations.append(d)
-        d2 = d * d
-        m2 += d2
-        m3 += d2 * d
-        m4 += d2 * d2
-    m2 /= n
-    m3 /= n
-    m4 /= n
+    mean = x0 + lane_sum([x - x0 for x in values]) / n
+    deviations = [x - mean for x in values]
+    squares = [d * d for d in deviations]
+    m2 = lane_sum(squares) / n
+    m3 = lane_sum([d2 * d for d2, d in zip(squares, deviations, strict=True)]) / n
+    m4 = lane_sum([d2 * d2 for d2 in squares]) / n
+    sq = lane_sum([x * x for x in values])
     rms = math.sqrt(sq / n)
     peak = max(abs(x) for x in values)
     crossings = sum(1 for a, b in itertools.pairwise(values) if (a >= 0) != (b >= 0))

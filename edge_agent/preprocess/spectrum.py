@@ -2,20 +2,25 @@
 
 np.fft is not available in numba. :func:`half_spectrum_power` packs a real signal of length m
 into an m/2-point complex FFT; :func:`fft_inplace` is an iterative decimation-in-time radix-2
-FFT whose input the caller has already put in bit-reversed order (``window_features`` writes
-the mean-removed samples straight to their bit-reversed places while it sums the central
-moments, so the permutation costs no pass of its own). :func:`fft_tables` holds everything that
-depends only on the size: per-stage twiddles and the bit-reversal permutation; the device keeps
-one per window width (``kernels.twiddles_for``).
+FFT whose input the caller has already put in bit-reversed order. :func:`half_spectrum_power_of`
+takes the signal in natural order instead (``window_features`` writes the mean-removed samples
+to a plain array while it sums the central moments): its first pass reads the points at their
+bit-reversed places itself, so the permutation costs no pass and no scattered stores of its own.
+:func:`fft_tables` holds everything that depends only on the size: per-stage twiddles and the
+bit-reversal permutation; the device keeps one per window width (``kernels.twiddles_for``).
 
 Numeric contract: every butterfly is the textbook one, (a + w*b, a - w*b) with
 w*b = (wr*br - wi*bi) + i*(wr*bi + wi*br), stage by stage, with twiddles copied from one cosine
 table (:func:`twiddles`), and fastmath is off. So the result does not depend on how the stages
-are grouped into passes: it is the plain textbook loop's, value for value (the tests check it
-against ``reference.fft_radix2``); only libm's cos is platform-dependent.
+are grouped into passes nor on where the input is read from: it is the plain textbook loop's,
+value for value (the tests check it against ``reference.fft_radix2``, and
+half_spectrum_power_of against half_spectrum_power); only libm's cos is platform-dependent.
 
-Speed notes (numba 0.68 on an x86-64 VM with AVX2; 512-point FFT, the size a 1024-sample window
-needs): about 1.6 µs, against about 4 µs for the textbook loop with a strided twiddle table.
+Speed notes (numba 0.68 on an x86-64 VM with AVX-512 (AMD Zen 5); 512-point FFT, the size a
+1024-sample window needs, with h known only at run time as in ``window_features``): about
+1.2 µs with the gathered first pass, against about 2.2 µs for this module's earlier schedule
+(bit-reversed writes, stages after the first three fused two at a time in a loop) and about 4
+µs for the textbook loop with a strided twiddle table.
 
 - numba wraps negative indices (``x[-1]`` is the last item) with a compare and select on every
   access, which LLVM drops only where it can prove an index non-negative. With a loop bound that
@@ -23,9 +28,12 @@ needs): about 1.6 µs, against about 4 µs for the textbook loop with a strided 
   (2.5x slower). ``i & _NONNEG`` proves it, for one AND.
 - Stages with half = 1, 2 and 4 have butterflies too short to vectorise; they run as one scalar
   pass over groups of 8 points, where the twiddles 1 and -i need no multiplication.
-- Later stages go two at a time (four points in registers per step: half the loads and
-  stores). LLVM does not vectorise that loop (it would need too many run-time alias checks
-  between the four positions), yet it measured as fast as one vectorised pass per stage.
+- Stages with half = 8 and 16 go two at a time (four points in registers per step: half the
+  loads and stores). LLVM does not vectorise that loop (it would need too many run-time alias
+  checks between the four positions), yet it measured as fast as two single stages there.
+- From half = 32 (``_VECTOR_HALF``) on, one vectorised pass per stage is about 3x faster than
+  the fused pair. Each of those stages is a call of its own with its half as a literal
+  (:func:`_stages_from`): the same stages in one loop over ``half`` measured 2-3x slower.
 """
 
 from __future__ import annotations
@@ -35,7 +43,14 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["FFTTables", "fft_inplace", "fft_tables", "half_spectrum_power", "twiddles"]
+__all__ = [
+    "FFTTables",
+    "fft_inplace",
+    "fft_tables",
+    "half_spectrum_power",
+    "half_spectrum_power_of",
+    "twiddles",
+]
 
 _jit = numba.njit(cache=True, fastmath=False, nogil=True)
 
@@ -44,6 +59,10 @@ FFTTables = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 # Masking the sign bit off an index tells LLVM it is non-negative (see the module docstring).
 _NONNEG = (1 << 63) - 1
+
+# From this half on, a stage's butterfly loop is long enough for LLVM to vectorise, and one
+# vectorised pass per stage beats the fused scalar pass of _two_stages (see the module docstring).
+_VECTOR_HALF = 32
 
 
 @_jit
@@ -116,65 +135,104 @@ def _butterfly(ar: float, ai: float, br: float, bi: float, wr: float,
 
 
 @_jit
-def _first_three_stages(re: np.ndarray, im: np.ndarray, h: int, w_re: np.ndarray,
-                        w_im: np.ndarray) -> None:
-    """The stages with half = 1, 2 and 4, in one pass over groups of 8 points (h >= 8).
+def _radix8(re: np.ndarray, im: np.ndarray, g: int, xr: tuple[float, ...], xi: tuple[float, ...],
+            w1r: float, w1i: float, w3r: float, w3i: float) -> None:
+    """The stages with half = 1, 2 and 4 on the 8 points xr + i*xi, stored to re/im[g:g + 8].
 
     Their twiddles 1 and -i make the butterfly an exact addition or subtraction, the values the
-    general butterfly gives (up to the sign of a zero); w8 and w8^3 (45 and 135 degrees) get the
-    general butterfly.
+    general butterfly gives (up to the sign of a zero); w8 and w8^3 (45 and 135 degrees), passed
+    as w1 and w3, get the general butterfly.
     """
-    w1r = w_re[5]
-    w1i = w_im[5]
-    w3r = w_re[7]
-    w3i = w_im[7]
+    # half = 1, twiddle 1: pairs (0, 1), (2, 3), (4, 5), (6, 7).
+    r0 = xr[0] + xr[1]
+    i0 = xi[0] + xi[1]
+    r1 = xr[0] - xr[1]
+    i1 = xi[0] - xi[1]
+    r2 = xr[2] + xr[3]
+    i2 = xi[2] + xi[3]
+    r3 = xr[2] - xr[3]
+    i3 = xi[2] - xi[3]
+    r4 = xr[4] + xr[5]
+    i4 = xi[4] + xi[5]
+    r5 = xr[4] - xr[5]
+    i5 = xi[4] - xi[5]
+    r6 = xr[6] + xr[7]
+    i6 = xi[6] + xi[7]
+    r7 = xr[6] - xr[7]
+    i7 = xi[6] - xi[7]
+    # half = 2: twiddle 1 on (0, 2) and (4, 6); -i on (1, 3) and (5, 7): -i*(x + iy) = y - ix.
+    s0r = r0 + r2
+    s0i = i0 + i2
+    s2r = r0 - r2
+    s2i = i0 - i2
+    s1r = r1 + i3
+    s1i = i1 - r3
+    s3r = r1 - i3
+    s3i = i1 + r3
+    s4r = r4 + r6
+    s4i = i4 + i6
+    s6r = r4 - r6
+    s6i = i4 - i6
+    s5r = r5 + i7
+    s5i = i5 - r7
+    s7r = r5 - i7
+    s7i = i5 + r7
+    # half = 4: twiddles 1, w8, -i, w8^3 on (0, 4), (1, 5), (2, 6), (3, 7).
+    re[g] = s0r + s4r
+    im[g] = s0i + s4i
+    re[g + 4] = s0r - s4r
+    im[g + 4] = s0i - s4i
+    re[g + 1], im[g + 1], re[g + 5], im[g + 5] = _butterfly(s1r, s1i, s5r, s5i, w1r, w1i)
+    re[g + 2] = s2r + s6i
+    im[g + 2] = s2i - s6r
+    re[g + 6] = s2r - s6i
+    im[g + 6] = s2i + s6r
+    re[g + 3], im[g + 3], re[g + 7], im[g + 7] = _butterfly(s3r, s3i, s7r, s7i, w3r, w3i)
+
+
+@_jit
+def _first_three_stages(re: np.ndarray, im: np.ndarray, h: int, w_re: np.ndarray,
+                        w_im: np.ndarray) -> None:
+    """The stages with half = 1, 2 and 4, in one pass over groups of 8 points (h >= 8)."""
     for g in range(0, h, 8):
         g = g & _NONNEG
-        # half = 1, twiddle 1: pairs (0, 1), (2, 3), (4, 5), (6, 7).
-        r0 = re[g] + re[g + 1]
-        i0 = im[g] + im[g + 1]
-        r1 = re[g] - re[g + 1]
-        i1 = im[g] - im[g + 1]
-        r2 = re[g + 2] + re[g + 3]
-        i2 = im[g + 2] + im[g + 3]
-        r3 = re[g + 2] - re[g + 3]
-        i3 = im[g + 2] - im[g + 3]
-        r4 = re[g + 4] + re[g + 5]
-        i4 = im[g + 4] + im[g + 5]
-        r5 = re[g + 4] - re[g + 5]
-        i5 = im[g + 4] - im[g + 5]
-        r6 = re[g + 6] + re[g + 7]
-        i6 = im[g + 6] + im[g + 7]
-        r7 = re[g + 6] - re[g + 7]
-        i7 = im[g + 6] - im[g + 7]
-        # half = 2: twiddle 1 on (0, 2) and (4, 6); -i on (1, 3) and (5, 7): -i*(x + iy) = y - ix.
-        s0r = r0 + r2
-        s0i = i0 + i2
-        s2r = r0 - r2
-        s2i = i0 - i2
-        s1r = r1 + i3
-        s1i = i1 - r3
-        s3r = r1 - i3
-        s3i = i1 + r3
-        s4r = r4 + r6
-        s4i = i4 + i6
-        s6r = r4 - r6
-        s6i = i4 - i6
-        s5r = r5 + i7
-        s5i = i5 - r7
-        s7r = r5 - i7
-        s7i = i5 + r7
-        # half = 4: twiddles 1, w8, -i, w8^3 on (0, 4), (1, 5), (2, 6), (3, 7).
-        re[g] = s0r + s4r
-        im[g] = s0i + s4i
-        re[g + 4] = s0r - s4r
-        im[g + 4] = s0i - s4i
-        re[g + 1], im[g + 1], re[g + 5], im[g + 5] = _butterfly(s1r, s1i, s5r, s5i, w1r, w1i)
-        re[g + 2] = s2r + s6i
-        im[g + 2] = s2i - s6r
-        re[g + 6] = s2r - s6i
-        im[g + 6] = s2i + s6r
-        re[g + 3], im[g + 3], re[g + 7], im[g + 7] = _butterfly(s3r, s3i, s7r, s7i, w3r, w3i)
+        xr = (re[g], re[g + 1], re[g + 2], re[g + 3], re[g + 4], re[g + 5], re[g + 6], re[g + 7])
+        xi = (im[g], im[g + 1], im[g + 2], im[g + 3], im[g + 4], im[g + 5], im[g + 6], im[g + 7])
+        _radix8(re, im, g, xr, xi, w_re[5], w_im[5], w_re[7], w_im[7])
+
+
+@_jit
+def _first_three_stages_gathered(d: np.ndarray, rev: np.ndarray, shift: int, re: np.ndarray,
+                                 im: np.ndarray, h: int, w_re: np.ndarray,
+                                 w_im: np.ndarray) -> None:
+    """:func:`_first_three_stages` reading its input from d in natural order (h >= 8).
+
+    Point q of the bit-reversed input is z_j = d[2j] + i*d[2j + 1] for j = rev[q] >> shift
+    (the permutation is its own inverse), so the gather replaces the permutation's pass. For g
+    a multiple of 8 and k < 8 the bits of g and k do not overlap, so the reversal of g + k is
+    that of g plus that of k: one table look-up per group.
+    """
+    o1 = 2 * ((rev[1] >> shift) & _NONNEG)
+    o2 = 2 * ((rev[2] >> shift) & _NONNEG)
+    o3 = 2 * ((rev[3] >> shift) & _NONNEG)
+    o4 = 2 * ((rev[4] >> shift) & _NONNEG)
+    o5 = 2 * ((rev[5] >> shift) & _NONNEG)
+    o6 = 2 * ((rev[6] >> shift) & _NONNEG)
+    o7 = 2 * ((rev[7] >> shift) & _NONNEG)
+    for g in range(0, h, 8):
+        g = g & _NONNEG
+        j0 = 2 * ((rev[g] >> shift) & _NONNEG)
+        j1 = (j0 + o1) & _NONNEG
+        j2 = (j0 + o2) & _NONNEG
+        j3 = (j0 + o3) & _NONNEG
+        j4 = (j0 + o4) & _NONNEG
+        j5 = (j0 + o5) & _NONNEG
+        j6 = (j0 + o6) & _NONNEG
+        j7 = (j0 + o7) & _NONNEG
+        xr = (d[j0], d[j1], d[j2], d[j3], d[j4], d[j5], d[j6], d[j7])
+        xi = (d[j0 + 1], d[j1 + 1], d[j2 + 1], d[j3 + 1], d[j4 + 1], d[j5 + 1], d[j6 + 1],
+              d[j7 + 1])
+        _radix8(re, im, g, xr, xi, w_re[5], w_im[5], w_re[7], w_im[7])
 
 
 @_jit
@@ -213,6 +271,46 @@ def _two_stages(re: np.ndarray, im: np.ndarray, h: int, half: int, w_re: np.ndar
 
 
 @_jit
+def _stages_from(re: np.ndarray, im: np.ndarray, h: int, half: int, w_re: np.ndarray,
+                 w_im: np.ndarray) -> None:
+    """The stages half, 2 * half, .. h // 2 (the earlier ones are done).
+
+    The stages with half = 32 .. 4096 are written out one call each with their half as a
+    literal, so LLVM compiles each for its own size: twice as fast as one loop over the stages.
+    """
+    while 4 * half <= h and half < _VECTOR_HALF:
+        _two_stages(re, im, h, half, w_re, w_im)
+        half *= 4
+    if half == 32 and half < h:
+        _stage(re, im, h, 32, w_re, w_im)
+        half = 64
+    if half == 64 and half < h:
+        _stage(re, im, h, 64, w_re, w_im)
+        half = 128
+    if half == 128 and half < h:
+        _stage(re, im, h, 128, w_re, w_im)
+        half = 256
+    if half == 256 and half < h:
+        _stage(re, im, h, 256, w_re, w_im)
+        half = 512
+    if half == 512 and half < h:
+        _stage(re, im, h, 512, w_re, w_im)
+        half = 1024
+    if half == 1024 and half < h:
+        _stage(re, im, h, 1024, w_re, w_im)
+        half = 2048
+    if half == 2048 and half < h:
+        _stage(re, im, h, 2048, w_re, w_im)
+        half = 4096
+    if half == 4096 and half < h:
+        _stage(re, im, h, 4096, w_re, w_im)
+        half = 8192
+    while half < h:
+        _stage(re, im, h, half, w_re, w_im)
+        half *= 2
+
+
+@_jit
 def fft_inplace(re: np.ndarray, im: np.ndarray, h: int, w_re: np.ndarray,
                 w_im: np.ndarray) -> None:
     """Forward FFT of re/im[:h] in place; the input is in bit-reversed order, the output is not.
@@ -223,23 +321,16 @@ def fft_inplace(re: np.ndarray, im: np.ndarray, h: int, w_re: np.ndarray,
     if h >= 8:
         _first_three_stages(re, im, h, w_re, w_im)
         half = 8
-    while 4 * half <= h:
-        _two_stages(re, im, h, half, w_re, w_im)
-        half *= 4
-    while half < h:
-        _stage(re, im, h, half, w_re, w_im)
-        half *= 2
+    _stages_from(re, im, h, half, w_re, w_im)
 
 
 @_jit
-def half_spectrum_power(h: int, re: np.ndarray, im: np.ndarray, power: np.ndarray,
-                        w_re: np.ndarray, w_im: np.ndarray) -> None:
-    """power[k] = |X_k|^2 for k = 1..h, X the 2h-point DFT of a real signal d (h >= 1).
+def _power_from_fft(h: int, re: np.ndarray, im: np.ndarray, power: np.ndarray,
+                    w_re: np.ndarray, w_im: np.ndarray) -> None:
+    """power[k] = |X_k|^2 for k = 1..h from Z = re + i*im, the h-point FFT of the packed signal.
 
-    On entry re/im[:h] hold z_j = d_2j + i*d_2j+1 in bit-reversed order, so one h-point complex
-    FFT does the work; X_k is then split back out of Z_k and Z_{h-k}. re/im are overwritten.
+    X_k is split back out of Z_k and Z_{h-k}.
     """
-    fft_inplace(re, im, h, w_re, w_im)
     for k in range(1, h):
         r = (h - k) & _NONNEG
         zr = re[k]
@@ -258,3 +349,40 @@ def half_spectrum_power(h: int, re: np.ndarray, im: np.ndarray, power: np.ndarra
         power[k] = xr * xr + xi * xi
     nyquist = re[0] - im[0]
     power[h] = nyquist * nyquist
+
+
+@_jit
+def half_spectrum_power(h: int, re: np.ndarray, im: np.ndarray, power: np.ndarray,
+                        w_re: np.ndarray, w_im: np.ndarray) -> None:
+    """power[k] = |X_k|^2 for k = 1..h, X the 2h-point DFT of a real signal d (h >= 1).
+
+    On entry re/im[:h] hold z_j = d_2j + i*d_2j+1 in bit-reversed order, so one h-point complex
+    FFT does the work; X_k is then split back out of Z_k and Z_{h-k}. re/im are overwritten.
+    """
+    fft_inplace(re, im, h, w_re, w_im)
+    _power_from_fft(h, re, im, power, w_re, w_im)
+
+
+@_jit
+def half_spectrum_power_of(d: np.ndarray, h: int, rev: np.ndarray, re: np.ndarray,
+                           im: np.ndarray, power: np.ndarray, w_re: np.ndarray,
+                           w_im: np.ndarray) -> None:
+    """:func:`half_spectrum_power` of the real signal d[:2h] given in natural order.
+
+    ``rev`` is the tables' bit-reversal permutation (of range(len(rev)), len(rev) >= h); re/im
+    (at least h values each) are scratch. The first pass reads d at bit-reversed positions
+    itself, so nobody writes the permuted input; the values are those of half_spectrum_power.
+    """
+    shift = 0
+    while (h << shift) < rev.shape[0]:
+        shift += 1
+    if h >= 8:
+        _first_three_stages_gathered(d, rev, shift, re, im, h, w_re, w_im)
+        _stages_from(re, im, h, 8, w_re, w_im)
+    else:
+        for q in range(h):
+            j = 2 * ((rev[q] >> shift) & _NONNEG)
+            re[q] = d[j]
+            im[q] = d[j + 1]
+        fft_inplace(re, im, h, w_re, w_im)
+    _power_from_fft(h, re, im, power, w_re, w_im)

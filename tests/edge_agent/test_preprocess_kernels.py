@@ -148,6 +148,60 @@ def test_window_features_with_cached_tables(
     )
 
 
+# Lengths around the lane count of the kernels' sums (kernels._LANES == 64): tails of every kind.
+_LANE_LENGTHS = [1, 2, 3, 5, 7, 9, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257]
+
+
+@st.composite
+def long_rows(draw: st.DrawFn) -> np.ndarray:
+    """One NaN-padded row of up to 300 samples, its length often next to a multiple of 64."""
+    width = draw(st.integers(1, 300))
+    length = min(width, draw(st.one_of(st.sampled_from(_LANE_LENGTHS), st.integers(1, width))))
+    if draw(st.booleans()):
+        values = [draw(VALUES)] * length
+    else:
+        values = draw(st.lists(VALUES, min_size=length, max_size=length))
+    tail = [math.nan] * (width - length)
+    if len(tail) > 1 and draw(st.booleans()):
+        tail[1:] = [draw(VALUES)] * (len(tail) - 1)
+    return np.array([values + tail], dtype=np.float64)
+
+
+def test_reference_uses_the_kernels_lanes() -> None:
+    """The reference sums in as many lanes as the kernels."""
+    assert reference.LANES == kernels._LANES
+
+
+@SETTINGS
+@given(X=long_rows())
+def test_scalar_features_match_reference_bit_for_bit(X: np.ndarray) -> None:
+    """The scalar features are the reference's exactly: both sum in the same lanes and order."""
+    scalars = list(WINDOW_FEATURES[:-1])
+    got = kernels.window_features(X, _codes(scalars), 1)[0]
+    want = np.array(reference.row_features(X[0], scalars, 1))
+    np.testing.assert_array_equal(got, want)
+
+
+@SETTINGS
+@given(values=st.lists(VALUES, max_size=300), data=st.data())
+def test_lane_sum_matches_reference(values: list[float], data: st.DataObject) -> None:
+    """kernels._lane_sum of x[start:stop] is reference.lane_sum of that slice, bit for bit."""
+    start = data.draw(st.integers(0, len(values)))
+    stop = data.draw(st.integers(start, len(values)))
+    x = np.array(values, dtype=np.float64)
+    got = kernels._lane_sum(x, start, stop, np.empty(kernels._LANES))
+    assert got == reference.lane_sum(values[start:stop])
+
+
+@SETTINGS
+@given(X=long_rows())
+def test_long_rows_bands_match_reference(X: np.ndarray) -> None:
+    """Band energies of rows longer than a block of lanes agree with the reference's DFT."""
+    got = kernels.window_features(X, _codes(["bands"]), 4)
+    want = reference.window_features(X, ["bands"], 4)
+    np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-9)
+
+
 @st.composite
 def fft_inputs(draw: st.DrawFn) -> tuple[int, int, list[float], list[float]]:
     """(h, table_n, re, im): an h-point signal and tables for up to 8x longer FFTs."""
@@ -192,6 +246,30 @@ def test_fft_matches_numpy(args: tuple[int, int, list[float], list[float]]) -> N
     scale = float(np.sum(np.abs(z)))
     np.testing.assert_allclose(_fft_kernel(h, table_n, re, im), np.fft.fft(z), rtol=0,
                                atol=1e-13 * scale)
+
+
+@SETTINGS
+@given(args=fft_inputs())
+def test_half_spectrum_from_natural_order(args: tuple[int, int, list[float], list[float]]) -> None:
+    """half_spectrum_power_of (input gathered from natural order) gives half_spectrum_power's
+    values exactly."""
+    h, table_n, re, im = args
+    w_re, w_im, rev = spectrum.fft_tables(table_n)
+    d = np.empty(2 * h)
+    d[0::2] = re
+    d[1::2] = im
+    shift = (table_n // 2 // h).bit_length() - 1
+    zr = np.empty(h)
+    zi = np.empty(h)
+    zr[rev[:h] >> shift] = re
+    zi[rev[:h] >> shift] = im
+    want = np.full(h + 1, np.nan)
+    spectrum.half_spectrum_power(h, zr, zi, want, w_re, w_im)
+    got = np.full(h + 1, np.nan)
+    scratch_re = np.full(h, np.nan)
+    scratch_im = np.full(h, np.nan)
+    spectrum.half_spectrum_power_of(d, h, rev, scratch_re, scratch_im, got, w_re, w_im)
+    np.testing.assert_array_equal(got[1:], want[1:])
 
 
 @pytest.mark.parametrize("table_n", [1, 2, 4, 8, 64, 2048])
