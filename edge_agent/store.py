@@ -2,9 +2,11 @@
 
 WAL with ``synchronous=FULL``: a commit survives a power cut once it returns (FIELD-NOTES:
 "Durability facts"). The writer thread commits in batches, so FULL costs little. At open the file
-gets ``PRAGMA quick_check``; a corrupt file is moved aside (``agent.db.corrupt-<time>``) and a
-new one started, rather than crash-looping on it. The schema is versioned with sqlite-utils
-``Migrations``; nothing here stores raw inputs unless sampling is switched on.
+gets ``PRAGMA quick_check`` (through a read-only connection, which leaves the file and its WAL as
+they are); a corrupt file is moved aside unchanged (``agent.db.corrupt-<time>``, with its -wal
+and -shm) and a new one started, rather than crash-looping on it. A database that cannot be read
+for another reason (locked, I/O) is a StoreError, never moved aside. The schema is versioned
+with sqlite-utils ``Migrations``; nothing here stores raw inputs unless sampling is switched on.
 
 With ``outbox_quota_bytes`` set (sync configured), every closed window, event and sample is also
 written to the outbox (:mod:`edge_agent.outbox`) in the same transaction, and the quota is
@@ -186,10 +188,51 @@ _INSERT_SAMPLE = ("INSERT OR IGNORE INTO samples (prediction_id, ts, model_versi
                   "VALUES (?,?,?,?)")
 
 
+#: how long a connection waits on another's lock before SQLITE_BUSY
+_BUSY_TIMEOUT_S = 10.0
+
+
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10.0)
-    conn.execute("PRAGMA busy_timeout = 10000")
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                           timeout=_BUSY_TIMEOUT_S)
+    conn.execute(f"PRAGMA busy_timeout = {int(_BUSY_TIMEOUT_S * 1000)}")
     return conn
+
+
+def _quick_check(conn: sqlite3.Connection) -> bool:
+    """``PRAGMA quick_check`` passes. SQLite's verdicts of corruption (SQLITE_CORRUPT,
+    SQLITE_NOTADB) are False; an OperationalError (locked, busy, I/O, cannot open) is raised:
+    it says nothing about the file, and moving a whole database aside for it loses its
+    history, slots and swap state."""
+    try:
+        return bool(conn.execute("PRAGMA quick_check").fetchone()[0] == "ok")
+    except sqlite3.OperationalError:
+        raise
+    except sqlite3.DatabaseError:
+        return False
+
+
+def _file_passes_quick_check(path: Path) -> bool:
+    """Check ``path`` without changing it: through a read-only connection, whose close neither
+    checkpoints the WAL into the file nor deletes the WAL (a read-write one's does, so a
+    corrupt file would be rewritten and its WAL, the last commits, lost before it is moved
+    aside). Where a read-only connection cannot read it (a hot rollback journal to replay),
+    through a read-write one."""
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True,
+                               timeout=_BUSY_TIMEOUT_S)
+        try:
+            return _quick_check(conn)
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err) or "busy" in str(err):
+            raise
+    conn = _connect(path)
+    try:
+        return _quick_check(conn)
+    finally:
+        conn.close()
 
 
 class AgentStore:
@@ -219,15 +262,13 @@ class AgentStore:
                          .fetchone()[0])
 
     def _open_checked(self) -> sqlite3.Connection:
-        conn = _connect(self.path)
-        try:
-            ok = conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
-        except sqlite3.DatabaseError:
-            ok = False
-        if not ok:
-            conn.close()
+        if self.path.exists() and not _file_passes_quick_check(self.path):
             stamp = time.strftime("%Y%m%dT%H%M%S")
             self.quarantined = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            n = 1
+            while self.quarantined.exists():  # rename() would replace an earlier one
+                self.quarantined = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}")
+                n += 1
             self.path.rename(self.quarantined)
             for suffix in ("-wal", "-shm"):
                 side = self.path.with_name(self.path.name + suffix)
@@ -235,7 +276,7 @@ class AgentStore:
                     side.rename(self.quarantined.with_name(self.quarantined.name + suffix))
             log.error("agent database %s failed quick_check; moved to %s and starting fresh",
                       self.path, self.quarantined)
-            conn = _connect(self.path)
+        conn = _connect(self.path)
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
         return conn
