@@ -708,6 +708,7 @@ class Agent:
     def close(self) -> None:
         """Stop accepting, flush everything, close the database (SIGTERM path)."""
         self._accepting = False
+        self.swap.close()  # a download in progress stops; the next start resumes it
         if self.sync is not None:  # first: it reads the store that closes below
             self.sync.stop()
         self._stop.set()

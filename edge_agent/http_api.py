@@ -14,7 +14,8 @@ Endpoints (every error body is ``{"error": "<what failed, the value, what was ex
     GET  /v1/swap                                the blue-green swap state
     POST /v1/swap                                {"command": "stage", "id": ..., "source": ...}
                                                  (or shadow, promote, commit, rollback; 409 when
-                                                 the swap machine refuses)
+                                                 the swap machine refuses; 503 when the agent
+                                                 shuts down during it: resumed at next start)
 
 No web framework: routing is a dict lookup and a split, bodies are read with their size checked
 against ``http.max_body_bytes`` before anything is parsed (413), JSON is orjson, and inference
@@ -50,6 +51,7 @@ from edge_agent.errors import (
 from edge_agent.http_server import HttpServer
 from edge_agent.oip import ModelSignature, decode_infer_request, encode_infer_response
 from edge_agent.swap_commands import parse_command
+from edge_agent.swap_runner import SwapInterrupted
 
 __all__ = ["ASGIApp", "RunningServer", "create_app", "serve_forever", "serve_in_thread"]
 
@@ -187,7 +189,11 @@ class _App:
         return self._predict(doc) if what == "predict" else self._feedback(doc)
 
     def _swap(self, doc: dict[str, Any]) -> Response:
-        result = self.agent.swap.handle(parse_command(doc))
+        try:
+            result = self.agent.swap.handle(parse_command(doc))
+        except SwapInterrupted as err:
+            return _json(503, {"error": str(err),
+                               "phase": self.agent.swap.state.phase.value})
         return _json(409 if result.outcome == "refused" else 200, result.to_dict())
 
     # --- bodies ----------------------------------------------------------------------------
@@ -436,11 +442,14 @@ class RunningServer:
 
 
 async def _serve(server: HttpServer, sock: socket.socket, stop: asyncio.Event,
-                 started: Callable[[], None] | None = None) -> None:
+                 started: Callable[[], None] | None = None,
+                 stopping: Callable[[], None] | None = None) -> None:
     await server.start(sock)
     if started is not None:
         started()
     await stop.wait()
+    if stopping is not None:
+        stopping()
     await server.shutdown()
 
 
@@ -503,7 +512,9 @@ def serve_forever(agent: Agent, host: str, port: int, *,
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
         log.info("local API listening on %s", url)
-        await _serve(server, sock, stop)
+        # a swap stage in flight stops downloading now, so the drain below need not wait
+        # for it (its request is answered 503; the next start resumes the download)
+        await _serve(server, sock, stop, stopping=agent.swap.interrupt)
 
     try:
         loop.run_until_complete(main())

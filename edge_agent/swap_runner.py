@@ -8,6 +8,13 @@ state says — so a kill at any point leaves exactly one complete, verified mode
 
 Which slot answers is derived, never stored twice: green answers in ``promoted``; blue in every
 other phase.
+
+Shutting down (:meth:`SwapRunner.interrupt`, then :meth:`SwapRunner.close`): a download in
+progress stops at its next read (within the download timeout, 30 s, when the server sends
+nothing at all) and raises :class:`SwapInterrupted` out of ``handle``; nothing is recorded, so the
+persisted state still says ``staging`` and the next start resumes the download where the partial
+file ends. Without this a SIGTERM during a slow download waited for it to finish (three
+attempts), and the stage then wrote to a closed database.
 """
 
 from __future__ import annotations
@@ -59,11 +66,16 @@ from edge_agent.swap_events import (
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
 
-__all__ = ["SwapResult", "SwapRunner", "download"]
+__all__ = ["SwapInterrupted", "SwapResult", "SwapRunner", "download"]
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 16
+
+
+class SwapInterrupted(AgentError):
+    """The agent is shutting down: the swap action in progress stopped, and resumes from the
+    persisted state at the next start."""
 
 
 @dataclass(frozen=True)
@@ -80,9 +92,11 @@ class SwapResult:
                 "phase": self.state.phase.value, "state": self.state.to_dict()}
 
 
-def download(source: str, dest: Path, *, timeout: float = 30.0) -> Path:
+def download(source: str, dest: Path, *, timeout: float = 30.0,
+             cancelled: Callable[[], bool] = lambda: False) -> Path:
     """Fetch a bundle to ``dest``: a local path is copied, an http(s) URL is downloaded and
-    resumed with a Range request when ``dest`` already holds part of it."""
+    resumed with a Range request when ``dest`` already holds part of it. ``cancelled`` is asked
+    after every read (what arrived so far is kept): SwapInterrupted once it says so."""
     if not source.startswith(("http://", "https://")):
         src = Path(source.removeprefix("file://"))
         if not src.is_file():
@@ -97,9 +111,14 @@ def download(source: str, dest: Path, *, timeout: float = 30.0) -> Path:
             expected = resp.headers.get("Content-Length")
             got = 0
             with dest.open("ab" if resumed else "wb") as fh:
-                while chunk := resp.read(CHUNK):
+                # read1: whatever has arrived, up to CHUNK (read(CHUNK) waits for all of it)
+                while chunk := resp.read1(CHUNK):
                     fh.write(chunk)
                     got += len(chunk)
+                    if cancelled():
+                        raise SwapInterrupted(
+                            f"download of {source} stopped after {got} bytes: the agent is "
+                            "shutting down; it resumes at the next start")
                 fh.flush()
             # urllib returns a short body without complaint when the peer closes early
             if expected is not None and got < int(expected):
@@ -124,6 +143,7 @@ class SwapRunner:
         self.policy = policy
         self.clock = clock
         self._lock = threading.RLock()
+        self._closing = threading.Event()
         self.download_attempts = 3
         self.downloads = agent.config.data_dir / "downloads"
         self.downloads.mkdir(parents=True, exist_ok=True)
@@ -137,6 +157,23 @@ class SwapRunner:
         else:
             self.state = SwapState.from_dict(raw)
         self.acks: list[dict[str, Any]] = []
+
+    # --- shutting down -------------------------------------------------------------------
+
+    def interrupt(self) -> None:
+        """Stop the action in progress at its next step (the SIGTERM path; see the module
+        docstring); returns at once."""
+        self._closing.set()
+
+    def close(self, timeout: float = 40.0) -> bool:
+        """:meth:`interrupt`, then wait up to ``timeout`` s for the event being handled;
+        whether none is running any more (the agent closes its database after this)."""
+        self._closing.set()
+        if not self._lock.acquire(timeout=timeout):
+            log.warning("a swap action is still running %.0f s after shutdown began", timeout)
+            return False
+        self._lock.release()
+        return True
 
     # --- events --------------------------------------------------------------------------
 
@@ -233,8 +270,11 @@ class SwapRunner:
         part = self.downloads / f"{key}.part"
         last: BundleError | None = None
         for attempt in range(self.download_attempts):
+            if self._closing.is_set():
+                raise SwapInterrupted(f"download of {action.source} not started again: the "
+                                      "agent is shutting down; it resumes at the next start")
             try:
-                download(action.source, part)
+                download(action.source, part, cancelled=self._closing.is_set)
                 break
             except OSError as err:  # a full disk, an unreadable source: not worth retrying
                 return StageFailed(reason=f"cannot fetch {action.source}: {err}",

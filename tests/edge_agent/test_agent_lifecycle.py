@@ -331,8 +331,8 @@ def test_sigterm_stops_accepting_then_flushes_everything_on_close(
     """`edgefleet agent run` with a 60 s flush interval (so only the flush on close can write
     what is served here): on SIGTERM the listener closes at once (new connections refused while
     the process is still up, answering a request in flight), that request still gets its
-    answer, the process exits 0, and every prediction and the window's counts are in the
-    database."""
+    answer (503: its stage stopped downloading at the signal), the process exits 0, and every
+    prediction and the window's counts are in the database."""
     port = _free_port()
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
@@ -408,7 +408,10 @@ def test_sigterm_stops_accepting_then_flushes_everything_on_close(
         assert not swap_error, swap_error
         assert len(swap_answer) == 1, "the request in flight got no answer"
         status, answer = swap_answer[0]
-        assert status in (200, 409) and "phase" in answer, answer
+        # the stage stopped downloading at SIGTERM: 503, and still staging (the next start
+        # resumes it)
+        assert status == 503 and answer["phase"] == "staging", answer
+        assert "shutting down" in answer["error"], answer
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
     finally:
