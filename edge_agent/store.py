@@ -277,7 +277,12 @@ class AgentStore:
             log.error("agent database %s failed quick_check; moved to %s and starting fresh",
                       self.path, self.quarantined)
         conn = _connect(self.path)
-        conn.execute("PRAGMA journal_mode = WAL")
+        mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]).lower()
+        if mode != "wal":  # SQLite keeps its journal where WAL cannot work (some network
+            # file systems): still durable with FULL, but readers then wait for the writer
+            log.warning("agent database %s: journal_mode is %r, not WAL (the file system "
+                        "does not support it?): commits are still durable, but readers block "
+                        "the writer", self.path, mode)
         conn.execute("PRAGMA synchronous = FULL")
         return conn
 

@@ -89,6 +89,39 @@ SYNCHRONOUS_FULL = 2  # PRAGMA synchronous: 0 OFF, 1 NORMAL, 2 FULL, 3 EXTRA
 # --- 1. the database: WAL + synchronous=FULL on the agent's own connections ---------------------
 
 
+class _NoWalConnection(sqlite3.Connection):
+    """A connection on a file system where WAL cannot work: SQLite answers the request for WAL
+    with the journal mode it keeps (here by hand: a local disk always supports WAL)."""
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        if sql.strip().upper() == "PRAGMA JOURNAL_MODE = WAL":
+            return super().execute("PRAGMA journal_mode")
+        return super().execute(sql, *args)
+
+
+def test_a_database_that_cannot_use_wal_is_reported(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Where WAL cannot be had, the store still opens and commits (durable with FULL) but
+    says so in the log, naming the mode it got, instead of silently running without WAL."""
+    from edge_agent import store as store_module
+
+    def connect(path: Path) -> sqlite3.Connection:
+        return sqlite3.connect(path, check_same_thread=False, isolation_level=None,
+                               timeout=5.0, factory=_NoWalConnection)
+
+    monkeypatch.setattr(store_module, "_connect", connect)
+    with caplog.at_level("WARNING", logger="edge_agent.store"):
+        s = store_module.AgentStore(tmp_path / "agent.db")
+    try:
+        assert s.db.conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        assert s.db.conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    finally:
+        s.close()
+    (warning,) = [r for r in caplog.records if "journal_mode" in r.getMessage()]
+    assert "journal_mode is 'delete', not WAL" in warning.getMessage()
+
+
 def test_agent_connections_are_wal_with_synchronous_full(
         tmp_path: Path, keypair: Any, small_bundle: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:
