@@ -1,4 +1,5 @@
-"""Fixtures for the agent: more small real bundles, and agents served on a free loopback port."""
+"""Fixtures for the agent: more small real bundles, agents served on a free loopback port, and an
+agent store with an outbox (the sync tests')."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import orjson
 import pytest
 
+from edge_agent.store import AgentStore
 from tests.conftest import make_regression_data, signal_windows
 
 
@@ -182,3 +184,10 @@ def served_regressor(tmp_path_factory: pytest.TempPathFactory, keypair: Any,
 def served_signal(tmp_path_factory: pytest.TempPathFactory, keypair: Any,
                   signal_bundle: Any) -> Iterator[Served]:
     yield from _module_served(tmp_path_factory, keypair, signal_bundle)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[AgentStore]:
+    s = AgentStore(tmp_path / "agent.db", outbox_quota_bytes=64 * 1024 * 1024)
+    yield s
+    s.close()

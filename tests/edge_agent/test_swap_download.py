@@ -14,6 +14,21 @@ from edge_agent.errors import BundleError
 from edge_agent.swap_runner import download
 
 
+def _head(handler: BaseHTTPRequestHandler, payload: bytes, ranges: list[str | None]) -> bytes:
+    """Answer a GET's head for ``payload`` (206 with the rest for a ``Range: bytes=N-``
+    request), note the Range asked for, and return the body to send."""
+    rng = handler.headers.get("Range")
+    ranges.append(rng)
+    start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+    body = payload[start:]
+    handler.send_response(206 if rng else 200)
+    handler.send_header("Content-Length", str(len(body)))
+    if rng:
+        handler.send_header("Content-Range", f"bytes {start}-{len(payload) - 1}/{len(payload)}")
+    handler.end_headers()
+    return body
+
+
 class _Server:
     """Serves one payload with Range support; can cut the first response short."""
 
@@ -28,16 +43,7 @@ class _Server:
                 return None
 
             def do_GET(self) -> None:
-                rng = self.headers.get("Range")
-                outer.ranges.append(rng)
-                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
-                body = outer.payload[start:]
-                self.send_response(206 if rng else 200)
-                self.send_header("Content-Length", str(len(body)))
-                if rng:
-                    self.send_header("Content-Range",
-                                     f"bytes {start}-{len(outer.payload) - 1}/{len(outer.payload)}")
-                self.end_headers()
+                body = _head(self, outer.payload, outer.ranges)
                 if outer.cut_after is not None:
                     self.wfile.write(body[: outer.cut_after])
                     outer.cut_after = None
@@ -130,17 +136,8 @@ class _Trickle:
                 return None
 
             def do_GET(self) -> None:
-                rng = self.headers.get("Range")
-                outer.ranges.append(rng)
-                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
-                body = outer.payload[start:]
-                self.send_response(206 if rng else 200)
-                self.send_header("Content-Length", str(len(body)))
-                if rng:
-                    self.send_header("Content-Range",
-                                     f"bytes {start}-{len(outer.payload) - 1}/{len(outer.payload)}")
-                self.end_headers()
-                if rng:
+                body = _head(self, outer.payload, outer.ranges)
+                if outer.ranges[-1]:
                     self.wfile.write(body)
                     return
                 self.wfile.write(body[:first])

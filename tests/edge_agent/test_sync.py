@@ -169,13 +169,6 @@ def settings(port: int, **kw: Any) -> SyncSettings:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[AgentStore]:
-    s = AgentStore(tmp_path / "agent.db", outbox_quota_bytes=64 * 1024 * 1024)
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def hub(mosquitto: Any) -> Iterator[FakeHub]:
     h = FakeHub(mosquitto.port)
     yield h

@@ -24,7 +24,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -42,13 +41,6 @@ from tests.edge_agent.test_sync import DEVICE, settings, start_sync, wait_for
 #: the broker's log names the protocol of a CONNECT: p2 is 3.1.1, p5 is 5
 BROKER_PROTOCOL = {5: "p5", 311: "p2"}
 SESSION_PRESENT = re.compile(r"as (\S+) \(session present: (\w+)\)")
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[AgentStore]:
-    s = AgentStore(tmp_path / "agent.db", outbox_quota_bytes=64 * 1024 * 1024)
-    yield s
-    s.close()
 
 
 @pytest.fixture
