@@ -7,9 +7,11 @@ follows its file's suffix: ``.parquet`` / ``.pq`` is Parquet (which needs pyarro
 else CSV.
 
 Columns that are not model inputs (ids, timestamps, labels) pass through to the output
-unchanged (Parquet to Parquet keeps their types; from a CSV they are text); empty cells and
-nulls are missing values. Errors name the file, the row and the column: a CSV row is its line in
-the file (the header is row 1), a Parquet row counts from 1.
+unchanged (Parquet to Parquet keeps their types; from a CSV they are text), as
+``input_<name>`` when the results use the name (``prediction_id``, ``label``, ``value``,
+``p_<label>``); empty cells and nulls are missing values. Errors name the file, the row and
+the column: a CSV row is the line in the file where it starts (the header is row 1), a Parquet
+row counts from 1. CSV lines may end in \\n, \\r\\n or a bare \\r.
 
 The output is written to a temp file in its folder and renamed over the target once complete
 (:func:`edge_agent.atomic.atomic_write`): a failed run leaves no partial file, and an existing
@@ -26,6 +28,7 @@ import csv
 import io
 import math
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -44,6 +47,8 @@ __all__ = ["PARQUET_SUFFIXES", "score_file"]
 
 #: file suffixes read and written as Parquet (case-insensitive); anything else is CSV
 PARQUET_SUFFIXES = (".parquet", ".pq")
+_READ_BYTES = 1 << 16
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 def _is_parquet(path: Path) -> bool:
@@ -101,14 +106,35 @@ class _CsvInput:
         self.header = header
 
     def _lines(self) -> Iterator[str]:
-        for number, line in enumerate(self._raw, 1):
-            self._consumed += len(line)
-            try:
-                # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of a name
-                yield line.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as err:
-                raise InputError(f"{self.path}: row {number} is not UTF-8 text "
-                                 f"({err.reason})") from None
+        """The file's lines with their ends, which may be \\n, \\r\\n or a bare \\r (old
+        Mac and "CSV (Macintosh)" exports), as the csv module reads them."""
+        number = 0
+        pending = b""
+        while True:
+            block = self._raw.read(_READ_BYTES)
+            data = pending + block
+            start = 0
+            for m in _LINE_END.finditer(data):
+                if block and m.end() == len(data) and data.endswith(b"\r"):
+                    break  # a \r at the end of what was read: a \n may follow it
+                number += 1
+                self._consumed += m.end() - start
+                yield self._decode(data[start:m.end()], number)
+                start = m.end()
+            pending = data[start:]
+            if not block:
+                if pending:
+                    self._consumed += len(pending)
+                    yield self._decode(pending, number + 1)
+                return
+
+    def _decode(self, line: bytes, number: int) -> str:
+        try:
+            # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of a name
+            return line.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            raise InputError(f"{self.path}: row {number} is not UTF-8 text "
+                             f"({err.reason})") from None
 
     def _next(self) -> list[str] | None:
         try:
@@ -121,10 +147,15 @@ class _CsvInput:
         rows: list[list[str]] = []
         numbers: list[int] = []
         done = last = 0
-        while (row := self._next()) is not None:
+        while True:
+            line = self._reader.line_num + 1  # where the record starts (it may span lines)
+            row = self._next()
+            if row is None:
+                break
             if not row:
-                continue  # a blank line
-            line = self._reader.line_num
+                if width != 1:
+                    continue  # a blank line
+                row = [""]  # in a one-column file, an empty cell: a missing value
             if len(row) != width:
                 raise InputError(f"{self.path}: row {line} has {len(row)} fields; the header "
                                  f"has {width}")
@@ -196,6 +227,20 @@ def _passthrough(validator: InputValidator, path: Path, header: list[str]) -> li
                          "expected once")
     inputs = set(validator.names)
     return [j for j, h in enumerate(header) if h not in inputs]
+
+
+def _output_names(columns: list[str], labels: Sequence[str]) -> list[str]:
+    """Names of the passed-through columns in the output: ``input_<name>`` for one the
+    results are written under (a file scored twice, or ground truth in a ``label`` column),
+    so no output has two columns of one name."""
+    taken = {"prediction_id", "label", "value", *(f"p_{lbl}" for lbl in labels)}
+    out = []
+    for name in columns:
+        while name in taken:
+            name = f"input_{name}"
+        taken.add(name)
+        out.append(name)
+    return out
 
 
 def _numbers(values: Sequence[Any], column: str, rows: Sequence[int], path: Path) -> np.ndarray:
@@ -392,8 +437,10 @@ def score_file(agent: Agent, input_file: Path, output_file: Path, *, chunk_rows:
             else _CsvInput(input_file, stack))
         header = source.header
         keep = _passthrough(validator, input_file, header)
-        passthrough = [(header[j], None if source.arrow_schema is None
-                        else source.arrow_schema.field(j).type) for j in keep]
+        names = _output_names([header[j] for j in keep], manifest.labels)
+        passthrough = [(name, None if source.arrow_schema is None
+                        else source.arrow_schema.field(j).type)
+                       for name, j in zip(names, keep, strict=True)]
         bar = stack.enter_context(_progress_bar(
             progress, progress_file, source.total, f"scoring {input_file.name}",
             counts_rows=isinstance(source, _ParquetInput)))

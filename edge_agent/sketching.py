@@ -22,8 +22,9 @@ Agreement with the numpy reference (``Sketch.update_numeric`` / ``Sketch.update_
   in a slot but kept out of the moments, as in the reference. Per feature and batch the kernel
   computes count, mean, M2, min and max, then merges them into the stored row with the same
   arithmetic as ``merge_moments`` (Chan et al.), an empty side being the identity. Count, min
-  and max are exactly equal to the reference (a batch's min and max of ±0.0 values are taken
-  in IEEE 754's total order: -0.0 below +0.0); mean and M2 agree to rounding, because the
+  and max are equal to the reference (a batch's min and max of ±0.0 values are taken in IEEE
+  754's total order, -0.0 below +0.0, where numpy's depend on the order: equal, not always
+  the same bits); mean and M2 agree to rounding, because the
   reference sums with numpy's pairwise ``mean`` and a BLAS ``dot``. The batch mean is shifted
   by the batch's first in-limit value, ``mean = x0 + sum(x - x0) / n``, so a constant batch
   has an M2 of exactly 0. Each feature's sums are taken in row order, so the bits are those of

@@ -50,6 +50,7 @@ from edge_agent.sketching import fold_stage, warmup
 from edge_agent.store import WindowRow
 from edge_agent.window import ModelTelemetry, ModelWindow
 from fleet_protocol.layouts import layouts_of
+from fleet_protocol.residuals import RESIDUAL_LIMIT
 
 if TYPE_CHECKING:
     from edge_agent.model import CodeTable, Prediction
@@ -639,10 +640,11 @@ class TelemetryRecorder:
             else:
                 residual = float(truth) - float(predicted_value or 0.0)
                 correct = None
-                if math.isfinite(residual):
+                if abs(residual) <= RESIDUAL_LIMIT:  # False for NaN
                     win.residual.add(residual)
                     drift = self._adwin[key].update(abs(residual))
-                else:  # the model answered NaN or inf (served and counted): no error to add
+                else:  # the model answered NaN or inf (served and counted), or an absurd
+                    # value: no error to add (it would poison the sketch and the detector)
                     residual = None
                     drift = False
             if drift:

@@ -36,12 +36,14 @@ Wire form (:meth:`ResidualSketch.to_dict`, in a window's metrics JSON)::
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fleet_protocol.errors import SketchError
+from fleet_protocol.sketch import MOMENT_LIMIT
 
-__all__ = ["ALPHA", "GAMMA", "MAX_BUCKETS", "MIN_MAGNITUDE", "ResidualSketch"]
+__all__ = ["ALPHA", "GAMMA", "MAX_BUCKETS", "MIN_MAGNITUDE", "RESIDUAL_LIMIT", "ResidualSketch"]
 
 SCHEMA_VERSION = 1
 ALPHA = 0.02
@@ -49,6 +51,10 @@ GAMMA = (1.0 + ALPHA) / (1.0 - ALPHA)
 _LOG_GAMMA = math.log(GAMMA)
 MIN_MAGNITUDE = 1e-12
 MAX_BUCKETS = 512
+#: residuals larger than this are refused (as the input sketches keep such values out of their
+#: moments): their squares would overflow the RMSE, and no real model misses by 1e100
+RESIDUAL_LIMIT = MOMENT_LIMIT
+_KEY_TEXT = re.compile(r"-?(0|[1-9][0-9]{0,5})")
 # the bucket of the largest finite float, and of MIN_MAGNITUDE: every key lies between
 _MAX_KEY = math.ceil(math.log(1.7976931348623157e308) / _LOG_GAMMA)
 _MIN_KEY = math.ceil(math.log(MIN_MAGNITUDE) / _LOG_GAMMA)
@@ -103,10 +109,12 @@ class ResidualSketch:
         return sketch
 
     def add(self, residual: float) -> None:
-        """Count one residual; SketchError (nothing counted) unless it is a finite number."""
+        """Count one residual; SketchError (nothing counted) unless it is a finite number
+        within RESIDUAL_LIMIT."""
         e = float(residual)
-        if not math.isfinite(e):
-            raise SketchError(f"residual {residual!r} is not a finite number")
+        if not abs(e) <= RESIDUAL_LIMIT:  # False for NaN too
+            raise SketchError(f"residual {residual!r} is not a finite number within "
+                              f"{RESIDUAL_LIMIT:g}")
         m = abs(e)
         if m <= MIN_MAGNITUDE:
             self.zero += 1
@@ -222,8 +230,12 @@ class ResidualSketch:
         out.count = _count(d["count"], "count")
         for name in ("sum", "sum_abs", "sum_sq"):
             v = d[name]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise SketchError(f"residual sketch {name} {v!r} is not a finite number")
+            try:
+                ok = type(v) in (int, float) and math.isfinite(float(v))
+            except OverflowError:  # an int beyond any float
+                ok = False
+            if not ok:
+                raise SketchError(f"residual sketch {name} {v!r:.40} is not a finite number")
             setattr(out, name, float(v))
         if out.sum_abs < 0 or out.sum_sq < 0:
             raise SketchError(f"residual sketch sum_abs {out.sum_abs!r} and sum_sq "
@@ -263,8 +275,8 @@ def _count(v: Any, what: str, positive: bool = False) -> int:
 
 
 def _bucket_key(key: Any, name: str) -> int:
-    if not isinstance(key, str) or not key.lstrip("-").isdigit() or key != str(int(key)):
-        raise SketchError(f"residual sketch {name} key {key!r} is not a canonical integer")
+    if not isinstance(key, str) or not _KEY_TEXT.fullmatch(key) or key == "-0":
+        raise SketchError(f"residual sketch {name} key {key!r:.40} is not a canonical integer")
     k = int(key)
     if not _MIN_KEY <= k <= _MAX_KEY:
         raise SketchError(f"residual sketch {name} key {key!r} is outside "

@@ -519,3 +519,90 @@ def test_parquet_output_without_pyarrow(tmp_path: Path, make_agent: Any, small_b
     pq_in.write_bytes(b"PAR1")
     with pytest.raises(InputError, match=r"in\.parquet: reading Parquet needs pyarrow"):
         score_file(agent, pq_in, tmp_path / "out2.csv")
+
+
+# --- line ends, where a row starts, one-column files, column names ------------------------------
+
+
+@pytest.mark.parametrize("end", [b"\n", b"\r\n", b"\r"])
+@pytest.mark.parametrize("read_bytes", [7, 64, 1 << 16])
+def test_every_line_end_reads_the_same_rows(tmp_path: Path, make_agent: Any, small_bundle: Any,
+                                            monkeypatch: pytest.MonkeyPatch, end: bytes,
+                                            read_bytes: int) -> None:
+    """LF, CRLF and bare CR (old Mac exports) give the same output, also when a CRLF is split
+    between two reads; the progress count still reaches the file's size."""
+    from edge_agent import batch
+
+    monkeypatch.setattr(batch, "_READ_BYTES", read_bytes)
+    agent = make_agent(small_bundle)
+    cols = _matrix_file_columns()
+    plain = tmp_path / "plain.csv"
+    _write_csv(plain, cols)
+    lines = plain.read_bytes().replace(b"\r\n", b"\n").splitlines()
+    src = tmp_path / "in.csv"
+    src.write_bytes(end.join(lines) + end)
+    out = tmp_path / "out.csv"
+    stream = io.StringIO()
+    assert batch.score_file(agent, src, out, chunk_rows=CHUNK, progress=True,
+                            progress_file=stream) == N
+    _, got = _read_csv(out)
+    assert got["row_id"] == cols["row_id"]
+    assert math.isnan(float(got["p_0"][3]))
+    frames = [f for f in stream.getvalue().split("\r") if f.strip()]
+    assert "100%" in frames[-1] and f"{N} rows" in frames[-1]
+    assert any(f"{CHUNK} rows" in f and "100%" not in f for f in frames)  # moved per chunk
+
+
+def test_an_error_names_the_line_where_a_multi_line_record_starts(
+        tmp_path: Path, make_agent: Any, small_bundle: Any) -> None:
+    from edge_agent.batch import score_file
+
+    agent = make_agent(small_bundle)
+    src = tmp_path / "in.csv"
+    src.write_text('row_id,f0,f1,f2,f3,f4,f5\n"a\nb\nc",1,2,3,4,5,6\nr2,1,2,x,4,5,6\n')
+    with pytest.raises(InputError, match=r"row 5, column 'f2' = 'x'"):
+        score_file(agent, src, tmp_path / "out.csv", chunk_rows=CHUNK)
+    src.write_text('row_id,f0,f1,f2,f3,f4,f5\n"a\nb\nc",1,2,x,4,5,6\n')
+    with pytest.raises(InputError, match=r"row 2, column 'f2' = 'x'"):
+        score_file(agent, src, tmp_path / "out.csv", chunk_rows=CHUNK)
+
+
+def test_a_blank_line_in_a_one_column_file_is_a_missing_value(
+        tmp_path: Path, make_agent: Any, compile_fast: Any) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    from edge_agent.batch import score_file
+
+    X, y = make_classification_data(n=600, d=6, seed=11)
+    one = compile_fast(LogisticRegression().fit(X[:400, :1], y[:400]), X[:, :1], y,
+                       name="one", version="1.0.0")
+    agent = make_agent(one)
+    feature = agent.serving().validator.names[0]
+    src, out = tmp_path / "in.csv", tmp_path / "out.csv"
+    src.write_text(f"{feature}\n0.5\n\n-1.5\n")
+    assert score_file(agent, src, out, chunk_rows=CHUNK) == 3
+    _, got = _read_csv(out)
+    expected = agent.predict({feature: [0.5, math.nan, -1.5]})
+    np.testing.assert_array_equal(_floats(got["p_0"]),
+                                  expected.probabilities[:, 0].astype(np.float64))
+
+
+def test_passed_through_columns_never_share_a_name_with_the_results(
+        tmp_path: Path, make_agent: Any, small_bundle: Any) -> None:
+    """A file scored again, or one with its ground truth in ``label``: those columns come out
+    as input_<name>, next to the new results."""
+    from edge_agent.batch import score_file
+
+    agent = make_agent(small_bundle)
+    cols = _matrix_file_columns()
+    cols = {"label": ["truth"] * N, "prediction_id": ["old"] * N, "p_0": ["x"] * N,
+            "input_label": ["y"] * N, **cols}
+    src, out = tmp_path / "in.csv", tmp_path / "out.csv"
+    _write_csv(src, cols)
+    score_file(agent, src, out, chunk_rows=CHUNK)
+    header, got = _read_csv(out)
+    assert header == ["input_label", "input_prediction_id", "input_p_0", "input_input_label",
+                      "row_id", "prediction_id", "label", "p_0", "p_1"]
+    assert len(set(header)) == len(header)
+    assert got["input_label"] == ["truth"] * N and got["input_input_label"] == ["y"] * N
+    assert got["prediction_id"] != ["old"] * N

@@ -161,14 +161,16 @@ def test_a_model_error_is_counted_in_the_window(tmp_path: Path, keypair: Any,
 
 def test_a_non_finite_prediction_adds_no_residual(tmp_path: Path, keypair: Any,
                                                   regressor_bundle: Any) -> None:
-    """Feedback on a prediction that was NaN is counted, but adds nothing to the sketch or the
-    drift detector (a NaN would poison both)."""
+    """Feedback on a prediction that was NaN, or with an absurd error, is counted, but adds
+    nothing to the sketch or the drift detector (it would poison both)."""
     agent = _agent(tmp_path / "data", keypair, regressor_bundle.path, Clock())
     try:
         tel = agent.serving().telemetry
         assert agent.recorder.record_feedback(tel, "", 1.0, float("nan")) == (None, None, False)
+        # a finite but absurd truth: its square would overflow the RMSE
+        assert agent.recorder.record_feedback(tel, "", 1e200, 3.0) == (None, None, False)
         fb = _open_window(agent).metrics["feedback"]
     finally:
         agent.close()
-    assert fb["count"] == 1
+    assert fb["count"] == 2
     assert fb["residuals"]["count"] == 0 and fb["mae"] is None

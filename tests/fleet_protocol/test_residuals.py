@@ -111,8 +111,8 @@ def test_empty_and_bad_residuals() -> None:
     sketch = ResidualSketch()
     assert sketch.quantile(0.5) is None and sketch.mae is None and sketch.rmse is None
     assert sketch.summary()["abs_error_p90"] is None
-    for bad in (math.nan, math.inf, -math.inf):
-        with pytest.raises(SketchError, match="not a finite number"):
+    for bad in (math.nan, math.inf, -math.inf, 1e101, -1e200):
+        with pytest.raises(SketchError, match="not a finite number within 1e"):
             sketch.add(bad)
     assert sketch.count == 0
     with pytest.raises(SketchError, match=r"quantile 1.5 is outside \[0, 1\]"):
@@ -136,8 +136,14 @@ def _good() -> dict[str, Any]:
     ({"positive": [1]}, "positive must be an object"),
     ({"positive": {"+5": 2}}, "positive key '\\+5' is not a canonical integer"),
     ({"positive": {"05": 2}}, "positive key '05' is not a canonical integer"),
-    ({"negative": {"9999999": 2}}, "negative key '9999999' is outside"),
+    ({"negative": {"999999": 2}}, "negative key '999999' is outside"),
     ({"negative": {"35": 0}}, r"negative\['35'\] 0 is not an integer >= 1"),
+    ({"positive": {"--1": 1}}, "positive key '--1' is not a canonical integer"),
+    ({"positive": {"-0": 1}}, "positive key '-0' is not a canonical integer"),
+    ({"positive": {"\u00b2": 1}}, "positive key '\u00b2' is not a canonical integer"),
+    ({"positive": {"9" * 5000: 1}}, "positive key '9999.* is not a canonical integer"),
+    ({"sum": 10**400}, "sum 1000.* is not a finite number"),
+    ({"sum_abs": "1.0"}, "sum_abs '1.0' is not a finite number"),
 ])
 def test_from_dict_names_the_bad_key_and_value(change: dict[str, Any], message: str) -> None:
     d = {**_good(), **change}
