@@ -114,11 +114,11 @@ def telemetry(device_id: str, seq: int, items: Sequence[Any] | None = None, *,
 
 
 def state(device_id: str, *, online: bool = True, ts: float = 10.0,
-          tags: dict[str, str] | None = None, phase: str = "idle",
+          tags: dict[str, str] | None = None, phase: msgs.SwapPhaseName = "idle",
           health: dict[str, Any] | None = None) -> tuple[str, bytes]:
     if not online:
         return wire(msgs.StateMessage.offline(device_id, agent_version="0.1.0", ts=ts))
     slots = msgs.Slots(blue=msgs.SlotInfo(name="toy", version="1.0.0", sha256="a" * 64))
     return wire(msgs.StateMessage(device_id=device_id, online=True, agent_version="0.1.0",
-                                  slots=slots, swap_phase=phase,  # type: ignore[arg-type]
+                                  slots=slots, swap_phase=phase,
                                   health=health or {"ok": True}, tags=tags or {}, ts=ts))

@@ -19,7 +19,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from cloud_hub.mosquitto import MosquittoProcess, adapt_conf, free_port
 from cloud_hub.store import HubStore
@@ -69,7 +69,7 @@ class Client:
     """A paho client logged in as ``user``; records what it receives and its acks."""
 
     def __init__(self, broker: MosquittoProcess, user: str | None, password: str | None = None,
-                 *, protocol: int = mqtt.MQTTv5) -> None:
+                 *, protocol: MQTTProtocolVersion = mqtt.MQTTv5) -> None:
         self.got: list[tuple[str, bytes]] = []
         self.connack: list[Any] = []
         self.subacks: list[list[Any]] = []

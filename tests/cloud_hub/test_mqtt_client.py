@@ -14,7 +14,7 @@ import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from cloud_hub.errors import MqttConnectionError
 from cloud_hub.mosquitto import MosquittoProcess
@@ -323,7 +323,7 @@ def test_a_receive_maximum_of_zero_is_a_protocol_error() -> None:
         broker.close()
 
 
-def publisher(url: str, protocol: int = mqtt.MQTTv311) -> Any:
+def publisher(url: str, protocol: MQTTProtocolVersion = mqtt.MQTTv311) -> Any:
     """A paho client that publishes (a device)."""
     from cloud_hub.worker import parse_broker_url
 

@@ -165,7 +165,7 @@ def test_two_workers_ingesting_one_fleet_count_exactly(
         n_windows = stores[0].run_read(lambda c: c.execute(
             sa.select(sa.func.count()).select_from(tables.windows)).scalar(), what="count")
         assert n_windows == len(originals)
-        workers = stores[0].run_read(lambda c: dict(c.execute(
+        workers: dict[str, int] = stores[0].run_read(lambda c: dict(c.execute(
             sa.select(tables.envelopes.c.worker, sa.func.count())
             .group_by(tables.envelopes.c.worker)).all()), what="split")
         assert set(workers) == {"w0", "w1"} and sum(workers.values()) == len(originals)

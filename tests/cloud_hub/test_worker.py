@@ -19,12 +19,12 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as mqtt
 import pytest
 import sqlalchemy as sa
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from cloud_hub.errors import HubStoreError, MqttConnectionError
 from cloud_hub.mosquitto import MosquittoProcess, free_port
@@ -81,7 +81,8 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str,
 class FleetSim:
     """Devices behind one paho client: publish envelopes, record receipts, resend the rest."""
 
-    def __init__(self, url: str, devices: Iterable[str], *, protocol: int = mqtt.MQTTv5,
+    def __init__(self, url: str, devices: Iterable[str], *,
+                 protocol: MQTTProtocolVersion = mqtt.MQTTv5,
                  client_id: str = "fleet-sim", username: str | None = None,
                  password: str | None = None) -> None:
         self.devices = list(devices)
@@ -96,7 +97,8 @@ class FleetSim:
                                   protocol=protocol)
         if username is not None:
             self.client.username_pw_set(username, password)
-        self.client.reconnect_delay_set(0.05, 0.5)
+        # paho annotates whole seconds but waits any float: sub-second retries keep tests fast
+        self.client.reconnect_delay_set(cast(int, 0.05), cast(int, 0.5))
         self.client.max_inflight_messages_set(1000)
         self.client.on_connect = self._on_connect
         self.client.on_subscribe = lambda *a: self.subscribed.set()

@@ -7,7 +7,7 @@ import http.client
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -15,6 +15,10 @@ import pytest
 
 from edge_agent.store import AgentStore
 from tests.conftest import make_regression_data, signal_windows
+
+if TYPE_CHECKING:
+    from edge_agent.agent import Agent
+    from edge_agent.http_api import RunningServer
 
 
 def swap_config(tmp_path: Path, keypair: Any, bundle: Path, **swap: Any) -> Any:
@@ -87,8 +91,8 @@ def signal_bundle(compile_fast: Callable[..., Any]) -> Any:
 class Served:
     """An Agent behind a real server, with a small raw HTTP client (http.client)."""
 
-    agent: Any
-    server: Any
+    agent: Agent
+    server: RunningServer
     bundle_path: Path | None
 
     @property

@@ -61,6 +61,7 @@ def test_predict_matches_the_bundle(agent: Agent, small_bundle: Any, keypair: An
     ref = BundleModel.from_bundle(read_bundle(small_bundle.path,
                                               [load_public_key(keypair.public_path)])).predict(X)
     batch = agent.predict(X)
+    assert batch.probabilities is not None and ref.probabilities is not None
     np.testing.assert_allclose(batch.probabilities, ref.probabilities, atol=1e-6)
     assert list(batch.labels) == list(ref.labels)
     one = agent.predict(X[0])
@@ -102,6 +103,7 @@ def test_a_named_row_is_the_same_row_as_an_array(agent: Agent) -> None:
     named = {f"f{i}": values[i] for i in reversed(range(6))}
     model_in = agent.serving().validator.validate(named)
     expected = np.array([[values[0], 3.0, x[2], x[3], np.nan, values[5]]], dtype=np.float32)
+    assert isinstance(model_in, np.ndarray)
     assert model_in.dtype == np.float32 and model_in.shape == (1, 6)
     np.testing.assert_array_equal(model_in, expected)
     assert agent.predict(named).labels[0] == agent.predict(expected[0]).labels[0]

@@ -31,6 +31,7 @@ import orjson
 import pytest
 
 from tests.conftest import make_classification_data
+from tests.edge_agent.conftest import Served
 
 ROOT = Path(__file__).resolve().parents[2]
 #: what the store names a quarantined database (edge_agent.store: agent.db.corrupt-<time>)
@@ -479,7 +480,7 @@ def test_sigterm_stops_accepting_then_flushes_everything_on_close(
 
 
 def test_serving_goes_on_while_the_writer_is_stuck_in_a_commit(
-        serve: Callable[..., Any], small_bundle: Any) -> None:
+        serve: Callable[..., Served], small_bundle: Any) -> None:
     """The writer thread is held inside its database transaction (the store's lock taken, a
     write transaction open); meanwhile 500 single-row requests over HTTP and batches (HTTP and
     in-process) all return. Released, the writer commits every one of them."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -48,6 +48,7 @@ def test_a_long_batch_is_not_decoded_on_the_request(agent: Agent) -> None:
     X = _rows(200)
     result = agent.predict(X)
     pred = result.prediction
+    assert isinstance(pred, UndecodedPrediction)
     assert pred.raw_labels is not None and pred._codes is None  # nothing decoded yet
     assert result.n == 200 and pred._codes is None  # its length needs no decoding
     singles = [agent.predict(x).labels[0] for x in X]
@@ -55,7 +56,7 @@ def test_a_long_batch_is_not_decoded_on_the_request(agent: Agent) -> None:
     agent.flush()
     assert _stored_labels(agent, result.ids) == singles
     found = agent.store.prediction(result.ids[7])
-    assert found is not None
+    assert found is not None and result.probabilities is not None
     assert found["score"] == pytest.approx(float(result.probabilities[7].max()), rel=1e-6)
 
 
@@ -72,7 +73,7 @@ def test_nonfinite_scores_of_a_deferred_batch_are_counted(agent: Agent) -> None:
     X = _rows(50, seed=5)
     X[:12, 0] = np.nan  # no imputer in the pipeline: NaN in, NaN out
     result = agent.predict(X)
-    assert result.prediction.raw_labels is not None
+    assert result.prediction.raw_labels is not None and result.probabilities is not None
     nonfinite = int((~np.isfinite(result.probabilities.max(axis=1))).sum())
     assert nonfinite == 12
     agent.flush()
@@ -139,7 +140,8 @@ def test_batches_are_decoded_on_the_request_while_the_fold_is_behind(
                fold_queue_rows=10_000) as agent:
         results = [agent.predict(X) for _ in range(4)]
         # queued, not folded: 0, 64, 128, 192 rows when each batch came
-        assert [r.prediction._codes is None for r in results] == [True, True, False, False]
+        undecoded = [cast(UndecodedPrediction, r.prediction) for r in results]
+        assert [p._codes is None for p in undecoded] == [True, True, False, False]
         singles = [agent.predict(x).labels[0] for x in X]
         agent.flush()
         for r in results:

@@ -106,6 +106,7 @@ def test_triton_infer_classifier(served_classifier: Served, small_bundle: Any, k
     own = _bundle_model(small_bundle.path, keypair).predict(X)
     assert labels == list(direct.labels) == list(own.labels)
     np.testing.assert_array_equal(proba, direct.probabilities)
+    assert own.probabilities is not None
     np.testing.assert_allclose(proba, own.probabilities, atol=1e-6)
     assert len(set(ids)) == 5 and all(ID.match(i) for i in ids)
 
@@ -162,6 +163,7 @@ def test_triton_infer_named_columns_with_text(served_columns: Served, columns_bu
     assert labels == list(direct.labels) == list(own.labels)
     assert set(labels) == {"alarm", "ok"}
     np.testing.assert_array_equal(result.as_numpy("probabilities"), direct.probabilities)
+    assert own.probabilities is not None
     np.testing.assert_allclose(result.as_numpy("probabilities"), own.probabilities, atol=1e-6)
 
 
@@ -180,6 +182,7 @@ def test_triton_infer_regressor(served_regressor: Served, regressor_bundle: Any,
             assert values.dtype == np.float32 and values.shape == (6,)
             np.testing.assert_array_equal(values, served_regressor.agent.predict(X).values)
             own = _bundle_model(regressor_bundle.path, keypair).predict(X)
+            assert own.values is not None
             np.testing.assert_allclose(values, own.values, rtol=1e-6)
             assert result.as_numpy("probabilities") is None
 
@@ -257,6 +260,7 @@ def test_predict_one_row_by_name(served_classifier: Served, small_bundle: Any,
     own = _bundle_model(small_bundle.path, keypair).predict(x.reshape(1, -1))
     assert ID.match(doc["prediction_id"]) and doc["label"] == own.labels[0]
     assert list(doc["probabilities"]) == ["0", "1"] and doc["value"] is None
+    assert own.probabilities is not None
     np.testing.assert_allclose(list(doc["probabilities"].values()), own.probabilities[0],
                                atol=1e-6)
     assert doc["model"] == {"name": "small", "version": "1.2.0"}
@@ -504,8 +508,12 @@ def test_serve_forever_returns_after_sigterm(tmp_path: Path, keypair: Any,
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout or []],
-                              daemon=True)
+
+    def read_lines() -> None:
+        for line in proc.stdout or []:
+            lines.put(line)
+
+    reader = threading.Thread(target=read_lines, daemon=True)
     reader.start()
     try:
         port = None

@@ -83,7 +83,7 @@ def running() -> Iterator[Running]:
 def read_responses(s: socket.socket, n: int) -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
     """Read exactly ``n`` responses (Content-Length framed) from the socket."""
     buf = b""
-    out = []
+    out: list[tuple[bytes, dict[bytes, bytes], bytes]] = []
     while len(out) < n:
         while b"\r\n\r\n" not in buf:
             chunk = s.recv(65536)

@@ -510,7 +510,7 @@ def test_moment_range_and_signed_zeros_by_hand(dtype: type) -> None:
                  ([0.0, 0.0], (2.0, 0.0, 0.0)), ([-0.0, -0.0], (2.0, -0.0, -0.0)),
                  ([np.inf, -np.inf, np.nan], (0.0, np.inf, -np.inf))]
     for col, (count, lo, hi) in cases:
-        values = np.array(col, dtype=dtype)[:, None]
+        values: np.ndarray = np.array(col, dtype=dtype)[:, None]
         sketch, ref = Sketch.empty(layout), Sketch.empty(layout)
         update_sketch(sketch, kl, values)
         python_reference(ref, values.astype(np.float64))

@@ -185,7 +185,7 @@ def test_output_names() -> None:
     names = ["s0", "s1", "s2"]
     assert output_names([{"op": "peak_normalize"}], names) == names
     assert output_names([], names) == names
-    spec = [
+    spec: list[dict[str, Any]] = [
         {"op": "trim_silence"},
         {"op": "window_features", "params": {"features": ["zcr", "bands", "mean"], "n_bands": 3}},
     ]

@@ -113,7 +113,8 @@ def test_stage_from_url_survives_a_broken_connection(tmp_path: Path, keypair: An
             assert agent.swap.state.phase is SwapPhase.STAGED
             assert agent.slots["green"] is not None and agent.slots["green"].version == "1.4.0"
             assert srv.ranges == [None, "bytes=3000-"]
-            assert np.isfinite(agent.predict(X[450]).probabilities).all()
+            probabilities = agent.predict(X[450]).probabilities
+            assert probabilities is not None and np.isfinite(probabilities).all()
     finally:
         srv.close()
 

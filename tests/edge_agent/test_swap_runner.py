@@ -72,8 +72,9 @@ def test_rollback_returns_to_blue(tmp_path: Path, keypair: Any, small_bundle: An
         agent.swap.handle(Rollback(id="r1"))
         assert agent.swap.state.phase is SwapPhase.ROLLED_BACK
         assert agent.serving().version == "1.2.0" and agent.slots["green"] is None
-        assert [p.name for p in agent.config.bundles_dir.iterdir()] == [
-            Path(agent.slots["blue"].path).name]
+        blue = agent.slots["blue"]
+        assert blue is not None
+        assert [p.name for p in agent.config.bundles_dir.iterdir()] == [Path(blue.path).name]
 
 
 def test_downgrade_refused_unless_forced(tmp_path: Path, keypair: Any, small_bundle: Any,

@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -74,7 +74,8 @@ class FakeHub:
                                   protocol=MQTTProtocolVersion.MQTTv5)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(0.05, 0.2)
+        # paho annotates whole seconds but waits any float: sub-second retries keep tests fast
+        self.client.reconnect_delay_set(cast(int, 0.05), cast(int, 0.2))
         self.client.connect_async("127.0.0.1", port)
         self.client.loop_start()
 
@@ -496,7 +497,7 @@ def test_wrong_password_retries_with_backoff_right_password_delivers(
 
         hub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
         hub.username_pw_set("hub", "hubpw")
-        received: list[bytes] = []
+        received: list[bytes | bytearray] = []
         hub.on_connect = lambda c, *_: c.subscribe("edgefleet/v1/+/telemetry", qos=1)
         hub.on_message = lambda c, u, m: received.append(m.payload)
         hub.connect("127.0.0.1", broker.port)

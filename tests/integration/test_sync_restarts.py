@@ -66,7 +66,7 @@ def _hub_windows(db: Path, device: str) -> list[tuple[float, str, int]]:
         return []
     conn = sqlite3.connect(db, timeout=10)
     try:
-        return [tuple(r) for r in conn.execute(  # type: ignore[misc]
+        return [tuple(r) for r in conn.execute(
             "SELECT start, model_version, rows FROM windows WHERE device_id = ?", [device])]
     except sqlite3.OperationalError:  # tables not created yet
         return []
