@@ -196,6 +196,9 @@ class SyncStats:
 
     connect_attempts: int = 0
     connects: int = 0
+    #: connects whose CONNACK said the broker still held this device's session (its
+    #: subscriptions, and what was queued for it while away)
+    sessions_resumed: int = 0
     connect_failures: int = 0
     disconnects: int = 0
     published: int = 0
@@ -309,10 +312,12 @@ class Sync:
             self._fail(f"broker {self.settings.url} refused the connection: {reason}{hint}")
             return
         self._accepted = True
+        resumed = bool(getattr(flags, "session_present", False))
         with self._stats_lock:
             self._stats.connects += 1
+            self._stats.sessions_resumed += resumed
         log.info("connected to %s as %s (session present: %s)", self.settings.url,
-                 self.device_id, getattr(flags, "session_present", "?"))
+                 self.device_id, resumed)
         self._generation += 1
         self._connected.set()
         self._wake.set()
@@ -401,6 +406,7 @@ class Sync:
         """For Agent.status(): connection, counters."""
         stats = self.stats
         return {"broker": self.settings.url, "connected": self.connected,
+                "connects": stats.connects, "sessions_resumed": stats.sessions_resumed,
                 "published": stats.published, "resent": stats.resent,
                 "receipts": stats.receipts, "last_receipt_seq": stats.last_receipt_seq,
                 "last_error": stats.last_error}

@@ -230,6 +230,9 @@ def test_command_sent_while_link_is_down_arrives_on_reconnect(
         hub.send(after)
         wait_for(lambda: any(c.command_id == "after-reconnect" for c in received), 10,
                  "the command sent after the reconnect")
+        # the reconnect found its session, and says so where an operator looks
+        assert sync.stats.sessions_resumed == 1
+        assert sync.status()["connects"] == 2 and sync.status()["sessions_resumed"] == 1
     finally:
         sync.stop()
         gate.close()
@@ -270,6 +273,7 @@ def test_command_sent_while_agent_is_stopped_arrives_after_restart(
         hub.send(after)
         wait_for(lambda: any(c.command_id == "after-restart" for c in received), 10,
                  "the command sent after the restart")
+        assert sync.stats.connects == 1 and sync.stats.sessions_resumed == 1
     finally:
         sync.stop()
     assert first == []
