@@ -18,8 +18,6 @@ each flush, it reads the agent's state through :meth:`Agent.state_message`, and
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -28,8 +26,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,20 +34,18 @@ import numpy as np
 
 from edge_agent.atomic import atomic_write_bytes
 from edge_agent.bundle import (
-    VerifiedBundle,
     load_public_key,
-    read_bundle,
     read_unverified_manifest,
 )
 from edge_agent.config import AgentConfig
 from edge_agent.errors import (
-    AgentError,
     BundleError,
     FeedbackError,
     InputError,
     NotReadyError,
 )
-from edge_agent.model import BundleModel, Prediction, row_scores
+from edge_agent.loaded import LoadedModel, PredictResult, load_model
+from edge_agent.model import Prediction, row_scores
 from edge_agent.prediction_log import PendingLog, Run, prediction_rows
 from edge_agent.store import AgentStore, SlotRecord, WriteBatch
 from edge_agent.swap import RESTING
@@ -59,10 +54,8 @@ from edge_agent.swap_runner import SwapRunner, stats_of
 from edge_agent.telemetry import (
     FOLD_QUEUE_ROWS,
     STAGE_ROWS,
-    ModelTelemetry,
     TelemetryRecorder,
 )
-from edge_agent.validation import InputValidator
 from fleet_protocol.messages import SlotInfo, Slots, StateMessage
 
 if TYPE_CHECKING:
@@ -75,94 +68,6 @@ log = logging.getLogger(__name__)
 SLOTS = ("blue", "green")
 _perf_ns = time.perf_counter_ns
 _isfinite = math.isfinite
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A verified bundle, loaded and checked against its own test vectors."""
-
-    bundle: VerifiedBundle
-    model: BundleModel
-    validator: InputValidator
-    telemetry: ModelTelemetry
-    path: Path
-
-    # cached: every request reads them
-    @functools.cached_property
-    def name(self) -> str:
-        return self.bundle.manifest.name
-
-    @functools.cached_property
-    def version(self) -> str:
-        return self.bundle.manifest.version
-
-    @property
-    def sha256(self) -> str:
-        return self.bundle.manifest.model.sha256
-
-
-@dataclass(slots=True)
-class PredictResult:
-    """Outputs of one request; ids and a batch's labels are derived on demand (cheap for big
-    batches)."""
-
-    model_name: str
-    model_version: str
-    first_id: int
-    boot: str
-    prediction: Prediction
-
-    @property
-    def labels(self) -> np.ndarray:
-        """Each row's label (object array of str)."""
-        return self.prediction.labels
-
-    @property
-    def probabilities(self) -> np.ndarray | None:
-        """Classifiers: float32 (n, n_classes) in the manifest's label order."""
-        return self.prediction.probabilities
-
-    @property
-    def values(self) -> np.ndarray | None:
-        """Regressors: float32 (n,)."""
-        return self.prediction.values
-
-    @property
-    def n(self) -> int:
-        return len(self.prediction)
-
-    @property
-    def ids(self) -> list[str]:
-        return [f"{self.boot}-{self.first_id + i:x}" for i in range(self.n)]
-
-    @property
-    def id(self) -> str:
-        return f"{self.boot}-{self.first_id:x}"
-
-
-def load_model(path: Path, trusted: list[Any], config: AgentConfig,
-               checked: MutableMapping[str, Any] | None = None) -> LoadedModel:
-    """Verify, load into onnxruntime and replay test vectors; BundleError on any failure."""
-    bundle = read_bundle(path, trusted, checked=checked)
-    model = BundleModel.from_bundle(bundle, intra_op_threads=config.runtime.intra_op_threads,
-                                    inter_op_threads=config.runtime.inter_op_threads)
-    try:
-        failures = model.replay_test_vectors(bundle.manifest.test_vectors)
-    except AgentError:
-        raise
-    except Exception as err:  # onnxruntime's own types: the model and its manifest disagree
-        raise BundleError(f"bundle {path}: onnxruntime cannot run its test vectors: {err}"
-                          ) from err
-    if failures:
-        raise BundleError(
-            f"bundle {path}: {len(failures)} of {len(bundle.manifest.test_vectors)} test "
-            f"vectors fail on this device; first: #{failures[0].index} {failures[0].reason}")
-    m = bundle.manifest
-    # the session holds the model now; the bundle's copy of its bytes would stay resident as
-    # long as the model is loaded (nothing reads it after loading)
-    bundle = dataclasses.replace(bundle, model_bytes=b"")
-    return LoadedModel(bundle, model, InputValidator(m.inputs, m.model.input_mode),
-                       ModelTelemetry(m.name, m.version, m), path)
 
 
 class Agent:
