@@ -67,6 +67,16 @@ def _row(x: np.ndarray) -> dict[str, float]:
     return {f"f{i}": float(v) for i, v in enumerate(x)}
 
 
+def _predict(conn: http.client.HTTPConnection, inputs: Any) -> Any:
+    """POST /v1/predict on a keep-alive connection; the answer's body, which must be a 200."""
+    conn.request("POST", "/v1/predict", orjson.dumps({"inputs": inputs}),
+                 {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    body = json.loads(resp.read())
+    assert resp.status == 200, body
+    return body
+
+
 def _pragmas(conn: sqlite3.Connection) -> tuple[str, int]:
     return (conn.execute("PRAGMA journal_mode").fetchone()[0],
             conn.execute("PRAGMA synchronous").fetchone()[0])
@@ -397,18 +407,8 @@ def test_sigterm_stops_accepting_then_flushes_everything_on_close(
         X, _ = make_classification_data(n=600, d=6, seed=11)
         ids: list[str] = []
         for x in X[:20]:  # single rows, one keep-alive connection
-            conn.request("POST", "/v1/predict", orjson.dumps({"inputs": _row(x)}),
-                         {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            out = json.loads(resp.read())
-            assert resp.status == 200, out
-            ids.append(out["prediction_id"])
-        conn.request("POST", "/v1/predict",
-                     orjson.dumps({"inputs": [_row(x) for x in X[20:50]]}),
-                     {"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        batch = json.loads(resp.read())
-        assert resp.status == 200, batch
+            ids.append(_predict(conn, _row(x))["prediction_id"])
+        batch = _predict(conn, [_row(x) for x in X[20:50]])
         ids.extend(p["prediction_id"] for p in batch["predictions"])
         conn.close()
         assert len(set(ids)) == 50
@@ -514,19 +514,8 @@ def test_serving_goes_on_while_the_writer_is_stuck_in_a_commit(
         try:
             conn = http.client.HTTPConnection("127.0.0.1", served.server.port, timeout=30)
             for i in range(500):
-                conn.request("POST", "/v1/predict",
-                             orjson.dumps({"inputs": _row(X[1 + i % 500])}),
-                             {"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                body = json.loads(resp.read())
-                assert resp.status == 200, body
-                served_ids.append(body["prediction_id"])
-            conn.request("POST", "/v1/predict",
-                         orjson.dumps({"inputs": [_row(x) for x in X[:100]]}),
-                         {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            body = json.loads(resp.read())
-            assert resp.status == 200, body
+                served_ids.append(_predict(conn, _row(X[1 + i % 500]))["prediction_id"])
+            body = _predict(conn, [_row(x) for x in X[:100]])
             served_ids.extend(p["prediction_id"] for p in body["predictions"])
             conn.close()
             result = agent.predict(X[:256])
