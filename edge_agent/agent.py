@@ -52,7 +52,7 @@ from edge_agent.swap import RESTING
 from edge_agent.swap_events import Commit, HealthStats, Promote, Stage, SwapPhase, is_older
 from edge_agent.swap_runner import SwapRunner, stats_of
 from edge_agent.telemetry import (
-    FOLD_QUEUE_ROWS,
+    FOLD_QUEUE_STAGES,
     STAGE_ROWS,
     TelemetryRecorder,
 )
@@ -73,13 +73,13 @@ _isfinite = math.isfinite
 class Agent:
     """The device daemon's core, usable in-process: ``Agent(config).predict(row)``.
 
-    ``stage_rows``, ``fold_queue_rows`` and ``fold_thread`` size the sketching off the request
+    ``stage_rows``, ``fold_queue_stages`` and ``fold_thread`` size the sketching off the request
     path (see :class:`~edge_agent.telemetry.TelemetryRecorder`); the defaults suit serving.
     """
 
     def __init__(self, config: AgentConfig, *, clock: Callable[[], float] = time.time,
                  start_writer: bool = True, start_sync: bool = True,
-                 stage_rows: int = STAGE_ROWS, fold_queue_rows: int = FOLD_QUEUE_ROWS,
+                 stage_rows: int = STAGE_ROWS, fold_queue_stages: int = FOLD_QUEUE_STAGES,
                  fold_thread: bool = True) -> None:
         self.config = config
         self.clock = clock
@@ -96,7 +96,7 @@ class Agent:
         #: rows are sketched off the request path, by a fold thread (see edge_agent.telemetry)
         self.recorder = TelemetryRecorder(config.telemetry.window_seconds, clock=clock,
                                           stage_rows=stage_rows,
-                                          fold_queue_rows=fold_queue_rows,
+                                          fold_queue_stages=fold_queue_stages,
                                           fold_thread=fold_thread)
         #: ONNX allow-list results by model sha256, persisted (the walk is slow on big trees)
         self.onnx_checked = self.store.onnx_checks()

@@ -137,9 +137,9 @@ def test_batches_are_decoded_on_the_request_while_the_fold_is_behind(
                       telemetry=TelemetryConfig(window_seconds=60, flush_interval_seconds=0.05))
     X = _rows(64, seed=4)
     with Agent(cfg, clock=Clock(), start_writer=False, fold_thread=False, stage_rows=64,
-               fold_queue_rows=10_000) as agent:
+               fold_queue_stages=1000) as agent:
         results = [agent.predict(X) for _ in range(4)]
-        # queued, not folded: 0, 64, 128, 192 rows when each batch came
+        # queued, not folded: 0, 1, 2, 3 stages of 64 rows when each batch came
         undecoded = [cast(UndecodedPrediction, r.prediction) for r in results]
         assert [p._codes is None for p in undecoded] == [True, True, False, False]
         singles = [agent.predict(x).labels[0] for x in X]

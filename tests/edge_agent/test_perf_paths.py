@@ -32,7 +32,7 @@ from edge_agent.sketching import (
     update_sketch_segments,
     warmup,
 )
-from edge_agent.telemetry import BUFFER_ROWS
+from edge_agent.telemetry import BUFFER_ROWS, STAGE_BYTES, STAGE_ROWS, TelemetryRecorder
 from fleet_protocol.errors import SketchError
 from fleet_protocol.sketch import MOMENT_LIMIT, FeatureLayout, Sketch, SketchLayout
 from tests.conftest import make_classification_data
@@ -195,10 +195,28 @@ def test_rows_predicted_right_before_a_flush_are_in_its_window(make_agent: Any) 
     assert window.metrics["requests"] == 343 and window.metrics["latency_us"]["count"] == 343
 
 
+def test_a_stage_holds_stage_rows_or_what_fits_stage_bytes(make_agent: Any) -> None:
+    """Stages are large (each queued stage wakes the fold thread once, ~20 µs on a small VM)
+    but bounded in bytes: a narrow model's stage takes STAGE_ROWS rows, sixteen 1024-row batches
+    of six features fill one stage; a wide model's holds what fits STAGE_BYTES, at least a
+    buffer of single rows."""
+    agent = make_agent(fold_thread=False, fold_queue_stages=100)
+    rec = agent.recorder
+    for k in range(16):  # one wake-up per 16 batches at most
+        assert not rec._jobs
+        agent.predict(_rows(1024, seed=k))
+    assert [stage.capacity for stage in rec._jobs] == [STAGE_ROWS] == [16 * 1024]
+    wide = TelemetryRecorder(60.0)
+    assert wide._capacity(16) == STAGE_ROWS
+    assert wide._capacity(784) == STAGE_BYTES // (4 * 784) == 334
+    assert wide._capacity(100_000) == BUFFER_ROWS
+    assert TelemetryRecorder(60.0, stage_rows=64)._capacity(784) == 64
+
+
 def test_a_full_fold_queue_folds_inline_and_loses_nothing(make_agent: Any) -> None:
     """Without a fold thread to drain it, the queue never holds more than its bound: the request
     that overfills it folds the oldest stage itself; the result is the synchronous sketch."""
-    agent = make_agent(fold_thread=False, stage_rows=64, fold_queue_rows=128)
+    agent = make_agent(fold_thread=False, stage_rows=64, fold_queue_stages=2)
     rec = agent.recorder
     ref = Reference(agent)
     for kind, x in _plan(seed=7).steps:
@@ -208,7 +226,7 @@ def test_a_full_fold_queue_folds_inline_and_loses_nothing(make_agent: Any) -> No
             continue
         assert x is not None
         ref.served(x, agent.predict(x))
-        assert rec._rows_queued - rec._rows_folded <= 128
+        assert len(rec._jobs) <= 2
     assert rec.inline_folds > 0
     agent.flush()
     ref.flushed()
@@ -219,7 +237,7 @@ def test_a_full_fold_queue_folds_inline_and_loses_nothing(make_agent: Any) -> No
 def test_a_running_fold_thread_with_a_tiny_queue_gives_the_same_bits(make_agent: Any,
                                                                    seed: int) -> None:
     """Background folding, inline folding under backpressure, or both racing: the same bits."""
-    agent = make_agent(stage_rows=32, fold_queue_rows=32)
+    agent = make_agent(stage_rows=32, fold_queue_stages=1)
     ref = Reference(agent)
     _serve(agent, _plan(seed=seed), ref)
     agent.flush()
@@ -248,7 +266,7 @@ def test_background_and_inline_folding_commit_the_same_bits(make_agent: Any) -> 
     """The same requests through the fold thread and through synchronous folding (a queue
     bound of 0, no thread) commit identical windows, equal to the reference."""
     background = make_agent(stage_rows=128)
-    inline = make_agent(stage_rows=128, fold_thread=False, fold_queue_rows=0)
+    inline = make_agent(stage_rows=128, fold_thread=False, fold_queue_stages=0)
     plan = _plan(seed=31)
     ref = Reference(background)
     _serve(background, plan, ref)
