@@ -26,17 +26,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edge_agent.bundle import key_id
 from edge_agent.store import AgentStore
 from edge_agent.sync import Sync
 from fleet_protocol import topics
-from fleet_protocol.messages import Command, StateMessage, UnsignedCommand, decode_for_topic, encode
-from tests.edge_agent.test_sync import DEVICE, settings, start_sync, wait_for
+from fleet_protocol.messages import Command, StateMessage, UnsignedCommand, encode
+from tests.edge_agent.test_sync import DEVICE, StateWatch, settings, start_sync, wait_for
 
 #: the broker's log names the protocol of a CONNECT: p2 is 3.1.1, p5 is 5
 BROKER_PROTOCOL = {5: "p5", 311: "p2"}
@@ -138,33 +136,19 @@ class Gate:
             self.live = []
 
 
-class Hub:
+class Hub(StateWatch):
     """Stands in for the hub: publishes commands at QoS 1 (waiting for the broker's PUBACK) and
     watches the device's state topic (the broker publishes the device's will there when it
     notices the device is gone)."""
 
-    def __init__(self, port: int) -> None:
-        self.states: list[StateMessage] = []
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="test-hub",
-                                  protocol=MQTTProtocolVersion.MQTTv5)
-        self.client.on_connect = lambda c, *_: c.subscribe(topics.state(DEVICE), qos=1)
-        self.client.on_message = self._on_message
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
-        msg = decode_for_topic(message.topic, message.payload)
-        assert isinstance(msg, StateMessage)
-        self.states.append(msg)
+    @property
+    def states(self) -> list[StateMessage]:
+        return [msg for _, msg in self.seen]
 
     def send(self, cmd: Command) -> None:
         info = self.client.publish(topics.cmd(DEVICE), encode(cmd), qos=1)
         info.wait_for_publish(10)
         assert info.is_published(), "the broker did not acknowledge the command"
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 @pytest.fixture
