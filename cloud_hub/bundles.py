@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy.engine import Connection
 
 from cloud_hub.errors import BundleConflict, BundleError, SignatureError
-from cloud_hub.store import BundleRecord, HubStore, bundles
+from cloud_hub.store import BundleRecord, HubStore
+from cloud_hub.tables import bundles
 from fleet_protocol.errors import ManifestError
 from fleet_protocol.layouts import layout_key
 from fleet_protocol.manifest import BundleManifest, canonical_json, parse_manifest

@@ -20,7 +20,8 @@ import click
 
 from cloud_hub.errors import QueryError
 from cloud_hub.fleet_drift import fleet_drift, format_fleet_drift, format_time
-from cloud_hub.store import DeviceRecord, open_store, parse_tags
+from cloud_hub.store import DeviceRecord, open_store
+from cloud_hub.tags import parse_tags
 
 __all__ = ["devices_table", "fleet", "parse_time"]
 

@@ -4,14 +4,14 @@
 TelemetryEnvelope` whose items are all windows in one msgspec pass, the window metrics
 included, and returns the same model the pydantic validation would (built from the values it
 checked, as ``model_construct`` builds one), or None whenever it is not sure — then the model
-validates the text itself and says what is wrong (:func:`fleet_protocol.messages.decode`, its
+validates the text itself and says what is wrong (:func:`fleet_protocol.wire.decode`, its
 ``fast`` argument). So the hub's answers, errors and rejection kinds are the model's; only
 the accepted path is quicker.
 
 Why: validating an envelope was the larger part of the hub's CPU per message (measured with
 ``edgefleet bench hub``: ~50 of ~115 µs; one window's metrics alone ~28 µs: pydantic building
-~100 values as Python objects, then the iterative walk of :func:`fleet_protocol.messages.
-_check_json`). msgspec checks the same values in C against a metrics type unrolled to the
+~100 values as Python objects, then the iterative walk of :func:`fleet_protocol.json_values.
+check_json`). msgspec checks the same values in C against a metrics type unrolled to the
 depth limit (no recursive schema: FIELD-NOTES, "Security facts").
 
 What it checks, field by field, is what the model checks (the patterns are the model's own,
@@ -42,13 +42,11 @@ from pydantic import BaseModel
 
 from fleet_protocol import codec, topics
 from fleet_protocol.errors import ProtocolError
+from fleet_protocol.json_values import INT64_MAX, MAX_KEY_CHARS, MAX_TEXT_CHARS
 from fleet_protocol.manifest import parse_semver
 from fleet_protocol.messages import (
-    INT64_MAX,
     MAX_ITEMS,
-    MAX_KEY_CHARS,
     MAX_SKETCH_BYTES,
-    MAX_TEXT_CHARS,
     METRICS_LIMITS,
     PROTOCOL_VERSION,
     TelemetryEnvelope,
@@ -122,7 +120,7 @@ def _build() -> Callable[[bytes], TelemetryEnvelope | None] | None:
     key = Annotated[str, Meta(max_length=MAX_KEY_CHARS)]
     max_depth, _ = METRICS_LIMITS
     # what a container at depth d may hold (the metrics object is depth 1): containers only
-    # down to max_depth, as _check_json counts them
+    # down to max_depth, as json_values.check_json counts them
     values: Any = int64 | float | text | bool | None
     for _ in range(max_depth - 1):
         values = int64 | float | text | bool | None | list[values] | dict[key, values]

@@ -50,15 +50,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from cloud_hub.errors import QueryError
-from cloud_hub.store import (
-    Selector,
-    devices,
-    parse_selector,
-    rollup_dirty,
-    rollups,
-    where_keys,
-)
-from cloud_hub.store import windows as windows_table
+from cloud_hub.tables import devices, rollup_dirty, rollups, where_keys
+from cloud_hub.tables import windows as windows_table
+from cloud_hub.tags import Selector, parse_selector
 from fleet_protocol import codec
 from fleet_protocol.drift import js_rows, psi_rows
 from fleet_protocol.errors import CodecError

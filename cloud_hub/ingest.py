@@ -1,7 +1,7 @@
 """Ingestion: a batch of (topic, payload) from the broker, validated, stored once, receipted.
 
 Two steps. :func:`decode_batch` is pure: each payload goes through
-``fleet_protocol.messages.decode_for_topic`` (size before parsing, strict models, protocol
+``fleet_protocol.wire.decode_for_topic`` (size before parsing, strict models, protocol
 version, the envelope's device equal to the topic's; a telemetry envelope of windows first
 through :mod:`cloud_hub.envelope_fast`, which returns the model's result or leaves the
 envelope to the model) and every window's two sketches through
@@ -51,8 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from cloud_hub import ingest_sql
-from cloud_hub import store as tables
+from cloud_hub import ingest_sql, tables
 from cloud_hub.envelope_fast import decode_envelope
 from cloud_hub.ingest_sql import IngestSql
 from cloud_hub.sketch_check import bad_sketches
@@ -68,9 +67,8 @@ from fleet_protocol.messages import (
     StateMessage,
     TelemetryEnvelope,
     WindowItem,
-    decode_for_topic,
-    envelope_key,
 )
+from fleet_protocol.wire import decode_for_topic, envelope_key
 
 if TYPE_CHECKING:
     from cloud_hub.store import HubStore
@@ -102,7 +100,7 @@ class Rejection:
     """A message the hub refused: who sent it (None if the topic names no device), why.
 
     ``key``: (stream, seq, message_id) of a refused telemetry envelope that still names them
-    (see :func:`fleet_protocol.messages.envelope_key`): the hub stores a marker under that key
+    (see :func:`fleet_protocol.wire.envelope_key`): the hub stores a marker under that key
     so the device's stream is not stuck at the gap."""
 
     device_id: str | None

@@ -98,7 +98,7 @@ from urllib.parse import urlsplit
 
 from cloud_hub.errors import HubStoreError, MqttConnectionError
 from cloud_hub.mqtt_client import ConnAck, HubMqttClient, Received, tls_context
-from fleet_protocol import messages, topics
+from fleet_protocol import messages, topics, wire
 
 if TYPE_CHECKING:
     from cloud_hub.ingest import IngestResult
@@ -771,7 +771,7 @@ class HubWorker:
         for (device, stream), seq in receipts.items():
             try:
                 payloads.append((topics.receipt(device),
-                                 messages.encode_receipt(device, stream, seq, now)))
+                                 wire.encode_receipt(device, stream, seq, now)))
             except Exception as err:  # a bug or an odd stored value: never the batch's acks
                 with self._lock:
                     self._counts["receipt_errors"] += 1

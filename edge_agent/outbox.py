@@ -50,10 +50,10 @@ from fleet_protocol.messages import (
     SampleItem,
     TelemetryEnvelope,
     WindowItem,
-    encode,
     new_message_id,
     window_item_from,
 )
+from fleet_protocol.wire import encode
 
 if TYPE_CHECKING:
     import sqlite3

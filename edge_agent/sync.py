@@ -54,14 +54,8 @@ from edge_agent.errors import ConfigError
 from edge_agent.outbox import Batch, Outbox
 from fleet_protocol import topics
 from fleet_protocol.errors import ProtocolError
-from fleet_protocol.messages import (
-    Command,
-    MessageError,
-    Receipt,
-    StateMessage,
-    decode_for_topic,
-    encode,
-)
+from fleet_protocol.messages import Command, MessageError, Receipt, StateMessage
+from fleet_protocol.wire import decode_for_topic, encode
 
 if TYPE_CHECKING:
     from edge_agent.config import AgentConfig

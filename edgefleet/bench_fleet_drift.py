@@ -104,7 +104,7 @@ def fleet_drift_bench(devices: int, hours: int, runs: int, db: Path | None,
     from cloud_hub.fleet_drift import fleet_drift, format_fleet_drift
     from cloud_hub.store import HubStore
     from fleet_protocol import messages as msgs
-    from fleet_protocol import topics
+    from fleet_protocol import topics, wire
     from fleet_protocol.layouts import layout_key, layouts_of
     from fleet_protocol.sketch import Sketch
 
@@ -140,7 +140,7 @@ def fleet_drift_bench(devices: int, hours: int, runs: int, db: Path | None,
                     device_id=name, stream=BENCH_STREAM, message_id=msgs.new_message_id(),
                     seq=h + 1,
                     sent_at=T0 + (h + 1) * HOUR, agent_version="0.1.0", items=tuple(items))
-                payloads.append((topics.telemetry(name), msgs.encode(env)))
+                payloads.append((topics.telemetry(name), wire.encode(env)))
         n_windows = devices * hours * 12
         echo(f"encoded {len(payloads)} envelopes ({n_windows} windows) in "
              f"{time.perf_counter() - t:.1f}s (the devices' work, not timed below)")
@@ -149,7 +149,7 @@ def fleet_drift_bench(devices: int, hours: int, runs: int, db: Path | None,
         path.unlink(missing_ok=True)
         with HubStore(path=path) as store:
             store.add_bundle(manifest)
-            states = [(topics.state(n), msgs.encode(msgs.StateMessage(
+            states = [(topics.state(n), wire.encode(msgs.StateMessage(
                 device_id=n, online=True, agent_version="0.1.0", swap_phase="idle",
                 tags={"site": sites[d], "cohort": "c" + str(d % 3)}, ts=T0)))
                 for d, n in enumerate(names)]
@@ -189,7 +189,7 @@ def fleet_drift_bench(devices: int, hours: int, runs: int, db: Path | None,
                     model_name="bench", model_version="1.0.0", slot="blue",
                     start=T0 + 5 * HOUR + 150, end=T0 + 5 * HOUR + 450, layout=key,
                     inputs=normal[0][0], outputs=normal[0][1], metrics={}, rows=ROWS),))
-            store.ingest([(topics.telemetry(names[0]), msgs.encode(late))], now=until)
+            store.ingest([(topics.telemetry(names[0]), wire.encode(late))], now=until)
             t = time.perf_counter()
             query()
             rows.append(("fleet_drift right after 1 late window (refresh included)",
@@ -209,7 +209,7 @@ def fleet_drift_bench(devices: int, hours: int, runs: int, db: Path | None,
                             model_name="bench", model_version="1.0.0", slot="blue",
                             start=start, end=start + WINDOW, layout=key, inputs=s_in,
                             outputs=s_out, metrics={}, rows=ROWS),))
-                    live.append((topics.telemetry(name), msgs.encode(env)))
+                    live.append((topics.telemetry(name), wire.encode(env)))
                 for i in range(0, len(live), BATCH):
                     store.ingest(live[i:i + BATCH], now=until)
                 t = time.perf_counter()

@@ -89,7 +89,8 @@ def make_envelopes(n: int, devices: int, seed: int = 0) -> list[tuple[str, bytes
     under fresh (device, seq, message_id) each time, so every message is stored.
     """
     from fleet_protocol import topics
-    from fleet_protocol.messages import TelemetryEnvelope, encode, new_message_id
+    from fleet_protocol.messages import TelemetryEnvelope, new_message_id
+    from fleet_protocol.wire import encode
 
     rng = np.random.default_rng(seed)
     lay_in, lay_out, scale, loc = _layouts(rng)

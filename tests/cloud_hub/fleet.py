@@ -15,6 +15,7 @@ from fleet_protocol.drift import bin_positions
 from fleet_protocol.layouts import layouts_of
 from fleet_protocol.manifest import BundleManifest
 from fleet_protocol.sketch import FeatureLayout, Sketch, SketchLayout
+from fleet_protocol.wire import encode
 
 TOY_IN = SketchLayout((
     FeatureLayout("temp", "numeric", edges=(0.0, 10.0, 20.0, 30.0)),
@@ -103,7 +104,7 @@ def wire(msg: msgs.BaseMessage, topic: str | None = None) -> tuple[str, bytes]:
     if topic is None:
         kind = {"TelemetryEnvelope": "telemetry", "StateMessage": "state", "Ack": "ack"}
         topic = topics.topic(msg.device_id, kind[type(msg).__name__])  # type: ignore[arg-type]
-    return topic, msgs.encode(msg)
+    return topic, encode(msg)
 
 
 def telemetry(device_id: str, seq: int, items: Sequence[Any] | None = None, *,

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from cloud_hub import ingest
 from cloud_hub.envelope_fast import decode_envelope, field_pattern
 from fleet_protocol import messages as msgs
+from fleet_protocol import wire
 from fleet_protocol.messages import TelemetryEnvelope, WindowItem
 from tests.cloud_hub import fleet
 
@@ -45,7 +46,7 @@ def _text(doc: Any, *, sort: bool = True, spaces: bool = False) -> bytes:
 
 
 def _model(raw: bytes) -> TelemetryEnvelope | None:
-    """What the model makes of the JSON text (None: refused), as messages.decode runs it."""
+    """What the model makes of the JSON text (None: refused), as wire.decode runs it."""
     try:
         msg = TelemetryEnvelope.model_validate_json(raw, strict=True)
     except ValidationError:
@@ -99,7 +100,7 @@ def test_the_fast_path_is_on() -> None:
     """msgspec comes with the hub extra, and the decoder knows every field of the models (a
     field added to one of them turns it off: then this fails)."""
     assert decode_envelope is not None
-    assert msgs._isal_zlib is not None  # the hub extra's inflate
+    assert wire._isal_zlib is not None  # the hub extra's inflate
 
 
 def test_an_agent_envelope_decodes_fast_to_the_models_envelope() -> None:
@@ -241,9 +242,9 @@ def test_the_errors_stay_the_models() -> None:
     """A refused envelope is reported with the model's words and field."""
     raw = _text(_with(_base_doc(), ("items", 0, "metrics"), {"x": "a\x00b"}))
     with pytest.raises(msgs.MessageError) as fast:
-        msgs.decode(raw, TelemetryEnvelope, fast=decode_envelope)
+        wire.decode(raw, TelemetryEnvelope, fast=decode_envelope)
     with pytest.raises(msgs.MessageError) as slow:
-        msgs.decode(raw, TelemetryEnvelope)
+        wire.decode(raw, TelemetryEnvelope)
     assert str(fast.value) == str(slow.value) and fast.value.field == slow.value.field
     assert "NUL" in str(fast.value)
 
@@ -350,9 +351,9 @@ def test_items_other_than_windows_take_the_models_path() -> None:
     rng = __import__("numpy").random.default_rng(0)
     item, _ = fleet.window("pi-1", 0.0, 10, rng)
     env = fleet.envelope("pi-1", 1, [item, fleet.event()])
-    raw = msgs.encode(env)
+    raw = wire.encode(env)
     raw = zlib.decompress(raw) if raw[0] == 0x78 else raw
     assert decode_envelope is not None and decode_envelope(raw) is None
-    only_window = msgs.encode(fleet.envelope("pi-1", 1, [item]))
+    only_window = wire.encode(fleet.envelope("pi-1", 1, [item]))
     only_window = zlib.decompress(only_window) if only_window[0] == 0x78 else only_window
     assert _agrees(only_window) is not None

@@ -1,4 +1,4 @@
-"""The hub's inflate (fleet_protocol.messages._inflate with ISA-L, which the hub extra installs)
+"""The hub's inflate (fleet_protocol.wire._inflate with ISA-L, which the hub extra installs)
 ends every payload as zlib's own inflate does: the same JSON, or the same error."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fleet_protocol import messages as msgs
+from fleet_protocol import wire
 
 
 def _outcome(inflate: object, data: bytes, limit: int) -> tuple[str, object]:
@@ -20,11 +21,11 @@ def _outcome(inflate: object, data: bytes, limit: int) -> tuple[str, object]:
 
 
 def _same(data: bytes, limit: int) -> None:
-    assert _outcome(msgs._inflate, data, limit) == _outcome(msgs._zlib_inflate, data, limit)
+    assert _outcome(wire._inflate, data, limit) == _outcome(wire._zlib_inflate, data, limit)
 
 
 def test_isal_is_what_inflates() -> None:
-    assert msgs._isal_zlib is not None
+    assert wire._isal_zlib is not None
 
 
 @settings(max_examples=300)

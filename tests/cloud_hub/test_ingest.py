@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from cloud_hub import store as tables
+from cloud_hub import tables
 from cloud_hub.ingest import REJECT_KINDS
 from cloud_hub.store import HubStore
 from fleet_protocol import messages as msgs
+from fleet_protocol import wire
 from tests.cloud_hub import fleet
 
 
@@ -86,7 +87,7 @@ def _bad_sketch_envelope(rng: np.random.Generator) -> tuple[str, bytes]:
 
 
 def _rejected(rng: np.random.Generator) -> dict[str, tuple[str, bytes]]:
-    env = json.loads(msgs.encode(fleet.envelope("pi-1", 3, [fleet.event()])))
+    env = json.loads(wire.encode(fleet.envelope("pi-1", 3, [fleet.event()])))
     topic = fleet.telemetry("pi-1", 1)[0]
     extra = {**env, "colour": "red"}
     newer = {**env, "protocol": 2}
@@ -96,7 +97,7 @@ def _rejected(rng: np.random.Generator) -> dict[str, tuple[str, bytes]]:
         "not JSON": (topic, b"{this is not json"),
         "not bytes of JSON or zlib": (topic, b"hello"),
         "wrong protocol": (topic, json.dumps(newer).encode()),
-        "other device in the envelope": ("edgefleet/v1/pi-2/telemetry", msgs.encode(
+        "other device in the envelope": ("edgefleet/v1/pi-2/telemetry", wire.encode(
             fleet.envelope("pi-1", 4, [fleet.event()]))),
         "unknown kind": ("edgefleet/v1/pi-1/bogus", b"{}"),
         "not our topic": ("somewhere/else", b"{}"),

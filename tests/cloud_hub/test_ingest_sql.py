@@ -8,8 +8,7 @@ import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cloud_hub import ingest_sql
-from cloud_hub import store as tables
+from cloud_hub import ingest_sql, tables
 from cloud_hub.store import HubStore
 from tests.cloud_hub import fleet
 

@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from cloud_hub.mosquitto import MosquittoProcess, adapt_conf, free_port
 from cloud_hub.store import HubStore
 from cloud_hub.worker import MAX_PACKET_SIZE, HubWorker
-from fleet_protocol import messages, topics
+from fleet_protocol import messages, topics, wire
 from tests.cloud_hub.test_worker import assert_exactly_once, envelope, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -242,7 +242,7 @@ def test_hub_ingests_and_receipts_through_the_acl(broker: MosquittoProcess,
 
             def receipted() -> bool:
                 with pi1.lock:
-                    return any(messages.decode(p, messages.Receipt).up_to_seq == 3
+                    return any(wire.decode(p, messages.Receipt).up_to_seq == 3
                                for t, p in pi1.got if t == topics.receipt("pi-1"))
 
             wait_for(receipted, 30, "pi-1's receipt for seq 3")

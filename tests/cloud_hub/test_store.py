@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from cloud_hub import store as tables
+from cloud_hub import tables
 from cloud_hub.errors import DeviceNotFound, HubStoreError, SelectorError
 from cloud_hub.ingest import IngestResult
-from cloud_hub.store import HubStore, normalise_url, open_store, parse_selector, parse_tags
+from cloud_hub.store import HubStore, normalise_url, open_store
+from cloud_hub.tags import parse_selector, parse_tags
 from tests.cloud_hub import fleet
 
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from cloud_hub import store as tables
+from cloud_hub import tables
 from cloud_hub.store import HubStore
 from edge_agent.outbox import Outbox
 from edge_agent.store import AgentStore, WriteBatch
 from fleet_protocol import messages as msgs
-from fleet_protocol import topics
+from fleet_protocol import topics, wire
 from tests.cloud_hub import fleet
 from tests.edge_agent.test_outbox import QUOTA, window
 
@@ -30,16 +30,16 @@ def exchange(box: Outbox, hub: HubStore, now: float = 1.0) -> int:
     while box.form_batch() is not None:
         pass
     sent = [box.batch(seq) for seq in box.inflight()]
-    wire = [(topics.telemetry(DEVICE), b.payload(DEVICE, "0.1.0", now)) for b in sent if b]
-    if not wire:
+    payloads = [(topics.telemetry(DEVICE), b.payload(DEVICE, "0.1.0", now)) for b in sent if b]
+    if not payloads:
         return 0
-    result = hub.ingest(wire, now=now)
+    result = hub.ingest(payloads, now=now)
     for (device, stream), up_to in result.receipts.items():
         assert device == DEVICE
-        receipt = msgs.decode(msgs.encode(msgs.Receipt(device_id=device, stream=stream,
+        receipt = wire.decode(wire.encode(msgs.Receipt(device_id=device, stream=stream,
                                                        up_to_seq=up_to, ts=now)), msgs.Receipt)
         box.apply_receipt(receipt.up_to_seq, receipt.stream)
-    return len(wire)
+    return len(payloads)
 
 
 def drain(box: Outbox, hub: HubStore) -> None:
@@ -98,7 +98,7 @@ def test_a_device_database_reset_mid_stream_loses_nothing(tmp_path: Path, held: 
 def test_a_refused_envelope_leaves_a_marker_and_the_stream_goes_on(store: HubStore) -> None:
     """Seq 1, a refused seq 2 (an item with an unknown field), seq 3: the receipt says 3, the
     refusal is counted, and seq 2 is kept as a marker holding no items."""
-    bad = json.loads(msgs.encode(fleet.envelope(DEVICE, 2, [fleet.event()])))
+    bad = json.loads(wire.encode(fleet.envelope(DEVICE, 2, [fleet.event()])))
     bad["items"][0]["unknown"] = 1
     r = store.ingest([fleet.telemetry(DEVICE, 1), (topics.telemetry(DEVICE),
                                                    json.dumps(bad).encode()),

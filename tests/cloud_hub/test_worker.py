@@ -28,7 +28,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from cloud_hub.errors import HubStoreError, MqttConnectionError
 from cloud_hub.mosquitto import MosquittoProcess, free_port
-from cloud_hub.store import HubStore, events
+from cloud_hub.store import HubStore
+from cloud_hub.tables import events
 from cloud_hub.worker import (
     GC_YOUNG_THRESHOLD,
     MAX_PACKET_SIZE,
@@ -39,7 +40,7 @@ from cloud_hub.worker import (
     parse_broker_url,
     settle_heap,
 )
-from fleet_protocol import messages, topics
+from fleet_protocol import messages, topics, wire
 
 ROOT = Path(__file__).resolve().parents[2]
 _ID_NAMESPACE = uuid.UUID("5f1c8a9e-0000-4000-8000-00000000ed9e")
@@ -63,7 +64,7 @@ def envelope(device: str, seq: int, **overrides: Any) -> bytes:
                                      detail={"seq": seq}),),
     }
     fields.update(overrides)
-    return messages.encode(messages.TelemetryEnvelope(**fields))
+    return wire.encode(messages.TelemetryEnvelope(**fields))
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, what: str,
@@ -112,7 +113,7 @@ class FleetSim:
             client.subscribe(f"{topics.PROTOCOL}/+/receipt", qos=1)
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
-        receipt = messages.decode(msg.payload, messages.Receipt)
+        receipt = wire.decode(msg.payload, messages.Receipt)
         assert msg.topic == topics.receipt(receipt.device_id)
         with self.lock:
             self.receipts[receipt.device_id] = max(self.receipts.get(receipt.device_id, 0),

@@ -17,14 +17,9 @@ import pytest
 from edge_agent.outbox import MAX_ITEM_BYTES, Outbox, enforce_quota, event_item, outbox_status
 from edge_agent.store import AgentStore, SlotRecord, WindowRow, WriteBatch
 from fleet_protocol import topics
-from fleet_protocol.messages import (
-    COMPRESS_ABOVE,
-    EventItem,
-    TelemetryEnvelope,
-    WindowItem,
-    decode_for_topic,
-)
+from fleet_protocol.messages import EventItem, TelemetryEnvelope, WindowItem
 from fleet_protocol.sketch import FeatureLayout, Sketch, SketchLayout
+from fleet_protocol.wire import COMPRESS_ABOVE, decode_for_topic
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYOUT = SketchLayout((FeatureLayout("f0", "numeric", edges=tuple(np.linspace(0, 1, 17))),))

@@ -33,14 +33,8 @@ from edge_agent.outbox import Outbox, outbox_status
 from edge_agent.store import AgentStore, WriteBatch
 from edge_agent.sync import Backoff, Sync, SyncSettings, full_jitter
 from fleet_protocol import topics
-from fleet_protocol.messages import (
-    Receipt,
-    StateMessage,
-    TelemetryEnvelope,
-    UnsignedCommand,
-    decode_for_topic,
-    encode,
-)
+from fleet_protocol.messages import Receipt, StateMessage, TelemetryEnvelope, UnsignedCommand
+from fleet_protocol.wire import decode_for_topic, encode
 from tests.conftest import make_classification_data
 from tests.edge_agent.test_outbox import window
 from tests.tls_certs import make_certs

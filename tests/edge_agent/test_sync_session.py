@@ -33,7 +33,8 @@ from edge_agent.bundle import key_id
 from edge_agent.store import AgentStore
 from edge_agent.sync import Sync
 from fleet_protocol import topics
-from fleet_protocol.messages import Command, StateMessage, UnsignedCommand, encode
+from fleet_protocol.messages import Command, StateMessage, UnsignedCommand
+from fleet_protocol.wire import encode
 from tests.edge_agent.test_sync import DEVICE, StateWatch, settings, start_sync, wait_for
 
 #: the broker's log names the protocol of a CONNECT: p2 is 3.1.1, p5 is 5
