@@ -174,23 +174,27 @@ class BuildResult:
 
 
 def toolchain_problem(environ: Mapping[str, str] | None = None) -> str | None:
-    """Why pycc cannot build here (what is missing and how to install it), or None."""
+    """Why pycc cannot build here (everything that is missing, and how to install it), or None.
+
+    A minimal install lacks several pieces at once (Debian minbase: the Python headers and
+    both compilers): naming them all saves the user one failed warmup per piece."""
     env = os.environ if environ is None else environ
+    missing: list[str] = []
     if importlib.util.find_spec("setuptools") is None:
-        return "setuptools is not installed (numba.pycc needs it: pip install setuptools)"
+        missing.append("setuptools is not installed (numba.pycc needs it: pip install setuptools)")
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if not headers.exists():
-        return (f"the Python headers are not installed ({headers} is missing: "
-                "apt-get install python3-dev)")
+        missing.append(f"the Python headers are not installed ({headers} is missing: "
+                       "apt-get install python3-dev)")
     for var, what in (("CC", "C"), ("CXX", "C++")):
         command = env.get(var) or sysconfig.get_config_var(var)
         if not command:
             continue
         exe = shlex.split(command)[0]
         if shutil.which(exe) is None:
-            return (f"no {what} compiler ({exe!r}, from {var}, is not on PATH: "
-                    "apt-get install build-essential)")
-    return None
+            missing.append(f"no {what} compiler ({exe!r}, from {var}, is not on PATH: "
+                           "apt-get install build-essential)")
+    return "; ".join(missing) or None
 
 
 def build(cache_dir: Path) -> BuildResult:
@@ -259,11 +263,24 @@ def _compile(name: str, out_dir: Path) -> None:
             cc.target_cpu = "host"
             for dtype, entry in _ENTRY.items():
                 cc.export(entry, _signature(dtype))(sketch_kernels._update_segments_kernel.py_func)
-            with _as_jit():
+            with _as_jit(), _root_log_level_kept():
                 cc.compile()
     finally:
         for left in set(scratch.glob(f"pycc-build-{name}-*")) - before:
             shutil.rmtree(left, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _root_log_level_kept() -> Iterator[None]:
+    """pycc sets distutils' log threshold to WARN (numba/pycc/platform.py), and setuptools'
+    distutils logger is the root logger: without this, ``edgefleet -v agent warmup`` stopped
+    logging at INFO after the build, its own "built ahead of time" line included."""
+    root = logging.getLogger()
+    level = root.level
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 @contextlib.contextmanager

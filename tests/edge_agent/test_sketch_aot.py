@@ -34,6 +34,8 @@ class Built:
     cache_dir: Path
     result: sketch_aot.BuildResult
     kernel: sketch_aot.AotKernel
+    #: the root logger's level after the build, which set it to INFO before
+    root_level_after: int
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +45,18 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     cache_dir = tmp_path_factory.mktemp("numba-cache")
     (cache_dir / "aot").mkdir()
     (cache_dir / "aot" / STALE).write_bytes(b"an older build")
-    result = sketch_aot.build(cache_dir)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.INFO)  # as `edgefleet -v` sets it
+    try:
+        result = sketch_aot.build(cache_dir)
+        level_after = root.level
+    finally:
+        root.setLevel(level)
     assert result.error is None, f"the ahead-of-time build failed here: {result.error}"
     kernel = sketch_aot.load(cache_dir)
     assert kernel is not None
-    return Built(cache_dir, result, kernel)
+    return Built(cache_dir, result, kernel, level_after)
 
 
 def _fold_both(built: Built, layout: SketchLayout, values: np.ndarray,
@@ -206,6 +215,30 @@ def test_missing_compiler_is_reported_not_raised(tmp_path: Path,
     assert result.error is not None and "'/nonexistent/cc'" in result.error
     assert "build-essential" in result.error
     assert not (tmp_path / "aot").exists()
+
+
+def test_build_keeps_the_log_level(built: Built) -> None:
+    """pycc turns distutils' logging down to WARN, and that logger is the root logger: the
+    build puts it back, so `edgefleet -v agent warmup` still logs at INFO after a build."""
+    assert built.root_level_after == logging.INFO
+
+
+def test_every_missing_piece_of_the_toolchain_is_named(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A minimal install lacks several pieces at once: the error names each of them (here the
+    Python headers and both compilers), not only the first, so one install fixes them all."""
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    paths = dict(sketch_aot.sysconfig.get_paths())
+    monkeypatch.setattr(sketch_aot.sysconfig, "get_paths",
+                        lambda: {**paths, "include": str(tmp_path)})
+    problem = sketch_aot.toolchain_problem()
+    assert problem is not None
+    assert f"{tmp_path / 'Python.h'} is missing: apt-get install python3-dev" in problem
+    assert "no C compiler ('/nonexistent/cc'" in problem
+    assert "no C++ compiler ('/nonexistent/c++'" in problem
+    monkeypatch.undo()
+    assert sketch_aot.toolchain_problem() is None  # this machine has all of them
 
 
 def test_build_that_does_not_import_leaves_the_jit(tmp_path: Path,
