@@ -58,13 +58,19 @@ from fleet_protocol.drift import js_rows, psi_rows
 from fleet_protocol.errors import CodecError
 from fleet_protocol.layouts import layouts_of
 from fleet_protocol.manifest import DriftThresholds, FeatureBaseline
-from fleet_protocol.verdict import FeatureVerdict, Status, judge_feature
+from fleet_protocol.verdict import (
+    QUALITY_NOTE,
+    FeatureVerdict,
+    Status,
+    format_rate,
+    judge_feature,
+)
 
 if TYPE_CHECKING:
-    from cloud_hub.store import HubStore
+    from cloud_hub.store import DeviceTags, HubStore
 
-__all__ = ["HOUR", "DeviceDrift", "FleetDrift", "TagDrift", "fleet_drift", "format_fleet_drift",
-           "format_time", "refresh_rollups"]
+__all__ = ["HOUR", "DeviceDrift", "DeviceMissing", "FleetDrift", "TagDrift", "fleet_drift",
+           "format_fleet_drift", "format_time", "refresh_rollups"]
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +326,25 @@ class DeviceDrift:
 
 
 @dataclass(frozen=True)
+class DeviceMissing:
+    """A device whose inputs had no value in some rows: its feature missing most often.
+
+    Drift is judged on the values a feature had, so a sensor that stopped sending shows here,
+    not as drift: its feature simply has fewer rows."""
+
+    device_id: str
+    feature: str
+    #: rows without a value of ``feature``, and of all rows (with a value or not)
+    missing: int
+    rows: int
+    tags: dict[str, str]
+
+    @property
+    def rate(self) -> float:
+        return self.missing / self.rows if self.rows else 0.0
+
+
+@dataclass(frozen=True)
 class TagDrift:
     """The merged drift of the devices carrying one tag value (``key=value``)."""
 
@@ -365,6 +390,8 @@ class FleetDrift:
     outputs: tuple[FeatureVerdict, ...]
     devices: tuple[DeviceDrift, ...]
     tags: tuple[TagDrift, ...]
+    #: the ``top`` devices with missing input values, highest missing rate first (none: [])
+    missing: tuple[DeviceMissing, ...] = ()
 
     @property
     def drifted(self) -> list[str]:
@@ -376,6 +403,8 @@ class _Feature:
     name: str
     baseline: FeatureBaseline
     slots: slice
+    #: where the feature's missing count is in a rollup's row
+    missing: int
 
 
 @dataclass(frozen=True)
@@ -497,12 +526,13 @@ def fleet_drift(store: HubStore, *, model_name: str, model_version: str, since: 
     lay_in, lay_out = layouts_of(manifest)
     layout = f"{lay_in.fingerprint()}/{lay_out.fingerprint()}"
     base_out = lay_in.total_slots + lay_in.n_features
-    feats = [_Feature(b.name, b, lay_in.slots(j))
+    feats = [_Feature(b.name, b, lay_in.slots(j), lay_in.total_slots + j)
              for j, b in enumerate(manifest.baseline.features)]
     n_inputs = len(feats)
     for j, b in enumerate(manifest.baseline.outputs):
         s = lay_out.slots(j)
-        feats.append(_Feature(b.name, b, slice(base_out + s.start, base_out + s.stop)))
+        feats.append(_Feature(b.name, b, slice(base_out + s.start, base_out + s.stop),
+                              base_out + lay_out.total_slots + j))
     width = base_out + lay_out.total_slots + lay_out.n_features
     min_evidence = manifest.baseline.min_evidence
 
@@ -549,7 +579,8 @@ def fleet_drift(store: HubStore, *, model_name: str, model_version: str, since: 
         dev_windows = dev_rows = np.zeros(0, dtype=np.int64)
         reporting = []
     total = per_device.sum(axis=0)
-    verdicts = tuple(judge_feature(f.baseline, total[f.slots], min_evidence) for f in feats)
+    verdicts = tuple(judge_feature(f.baseline, total[f.slots], min_evidence, int(total[f.missing]))
+                     for f in feats)
 
     scores = _score(per_device, feats, min_evidence)
     ranked_devices = tuple(
@@ -578,7 +609,27 @@ def fleet_drift(store: HubStore, *, model_name: str, model_version: str, since: 
         min_evidence=min_evidence, selected=len(chosen), reporting=len(reporting),
         windows=int(n_windows.sum()), rows=int(n_rows.sum()), skipped_windows=skipped,
         features=verdicts[:n_inputs], outputs=verdicts[n_inputs:],
-        devices=ranked_devices, tags=ranked_tags)
+        devices=ranked_devices, tags=ranked_tags,
+        missing=_most_missing(per_device, feats[:n_inputs], reporting, top))
+
+
+def _most_missing(per_device: IntMatrix, feats: Sequence[_Feature],
+                  reporting: Sequence[DeviceTags], top: int) -> tuple[DeviceMissing, ...]:
+    """Each device's input feature with the highest missing rate; the ``top`` devices with
+    any, highest rate first (ties: more missing rows first)."""
+    if not feats or not len(per_device):
+        return ()
+    missing = per_device[:, [f.missing for f in feats]]
+    present = np.stack([per_device[:, f.slots].sum(axis=1) for f in feats], axis=1)
+    total = missing + present
+    rate = np.divide(missing, total, out=np.zeros(missing.shape), where=total > 0)
+    worst = np.argmax(rate, axis=1)
+    rows = np.arange(len(per_device))
+    worst_rate, worst_missing = rate[rows, worst], missing[rows, worst]
+    order = [int(i) for i in np.lexsort((-worst_missing, -worst_rate)) if worst_missing[i] > 0]
+    return tuple(DeviceMissing(reporting[i].device_id, feats[int(worst[i])].name,
+                               int(worst_missing[i]), int(total[i, worst[i]]), reporting[i].tags)
+                 for i in order[:top])
 
 
 # --- the table ---------------------------------------------------------------------------
@@ -602,7 +653,8 @@ def _num(v: float | None, fmt: str = ".4f") -> str:
 
 
 def _feature_line(v: FeatureVerdict) -> str:
-    return (f"{v.name[:22]:<22} {v.rows:>10} {_num(v.psi):>8} {v.psi_threshold:>8.4f} "
+    return (f"{v.name[:22]:<22} {v.rows:>10} {format_rate(v.missing_rate):>7} "
+            f"{format_rate(v.out_of_range_rate):>7} {_num(v.psi):>8} {v.psi_threshold:>8.4f} "
             f"{_num(v.js):>8} {v.js_threshold:>8.4f}  {_VERDICT[v.status]}")
 
 
@@ -617,13 +669,15 @@ def format_fleet_drift(result: FleetDrift, top: int | None = None) -> str:
         + (f", devices {r.selector}" if r.selector else ""),
         f"min evidence {r.min_evidence} rows; {r.skipped_windows} window(s) of other layouts "
         "skipped",
-        f"{'feature':<22} {'rows':>10} {'psi':>8} {'limit':>8} {'js':>8} {'limit':>8}  verdict",
+        f"{'feature':<22} {'rows':>10} {'missing':>7} {'outside':>7} {'psi':>8} {'limit':>8} "
+        f"{'js':>8} {'limit':>8}  verdict",
     ]
     lines += [_feature_line(v) for v in r.features]
     lines += [_feature_line(v) for v in r.outputs]
     drifted = r.drifted
     lines.append(f"{len(drifted)} of {len(r.features) + len(r.outputs)} drifted"
                  + (f": {', '.join(drifted)}" if drifted else ""))
+    lines.append(QUALITY_NOTE)
     lines += ["", "where it comes from: score = the worst feature's statistic / its limit; a "
               "device drifts when more of its features drift than chance explains, or its score "
               f"is over {STRONG_SCORE:g}",
@@ -645,4 +699,10 @@ def format_fleet_drift(result: FleetDrift, top: int | None = None) -> str:
                          f"{_num(t.score, '.2f'):>7} {_share(t.drifted, t.judged):>8} "
                          f"{(t.feature or '-')[:16]:<16} {_num(t.psi):>8} {_num(t.js):>8}  "
                          f"{_VERDICT[t.status]}")
+    if r.missing:
+        lines += ["", "missing values: devices whose inputs most often had none (drift is judged "
+                  "on the values that came; a sensor that stopped shows here)",
+                  f"{'device':<24} {'rows':>10} {'feature':<22} {'missing':>8}"]
+        lines += [f"{m.device_id[:24]:<24} {m.rows:>10} {m.feature[:22]:<22} "
+                  f"{format_rate(m.rate):>8}" for m in r.missing[:top]]
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from edge_agent.store import WindowRow
 from edge_agent.telemetry import layouts_of
 from fleet_protocol.manifest import BundleManifest
 from fleet_protocol.sketch import Sketch
-from fleet_protocol.verdict import FeatureVerdict, judge_feature
+from fleet_protocol.verdict import QUALITY_NOTE, FeatureVerdict, format_rate, judge_feature
 
 __all__ = ["DriftReport", "drift_report", "drift_table"]
 
@@ -40,9 +40,9 @@ def drift_report(manifest: BundleManifest, windows: Sequence[WindowRow]) -> Drif
         inputs += Sketch.from_bytes(in_layout, w.inputs)
         outputs += Sketch.from_bytes(out_layout, w.outputs)
     evidence = manifest.baseline.min_evidence
-    feats = tuple(judge_feature(b, inputs.feature_counts(j), evidence)
+    feats = tuple(judge_feature(b, inputs.feature_counts(j), evidence, int(inputs.missing[j]))
                   for j, b in enumerate(manifest.baseline.features))
-    outs = tuple(judge_feature(b, outputs.feature_counts(j), evidence)
+    outs = tuple(judge_feature(b, outputs.feature_counts(j), evidence, int(outputs.missing[j]))
                  for j, b in enumerate(manifest.baseline.outputs))
     return DriftReport(len(used), sum(w.rows for w in used), feats, outs)
 
@@ -55,13 +55,15 @@ def drift_table(manifest: BundleManifest, windows: Sequence[WindowRow]) -> str:
     report = drift_report(manifest, windows)
     lines = [f"{manifest.name} {manifest.version}: {report.rows} rows in {report.windows} "
              f"window(s); min evidence {manifest.baseline.min_evidence} rows",
-             f"{'feature':<22} {'rows':>8} {'psi':>8} {'limit':>8} {'js':>8} {'limit':>8}  "
-             "verdict"]
+             f"{'feature':<22} {'rows':>8} {'missing':>7} {'outside':>7} {'psi':>8} "
+             f"{'limit':>8} {'js':>8} {'limit':>8}  verdict"]
     for v in report.features + report.outputs:
         verdict = {"drift": "DRIFT", "ok": "ok", "insufficient": "not enough data"}[v.status]
-        lines.append(f"{v.name[:22]:<22} {v.rows:>8} {_fmt(v.psi):>8} {v.psi_threshold:>8.4f} "
-                     f"{_fmt(v.js):>8} {v.js_threshold:>8.4f}  {verdict}")
+        lines.append(f"{v.name[:22]:<22} {v.rows:>8} {format_rate(v.missing_rate):>7} "
+                     f"{format_rate(v.out_of_range_rate):>7} {_fmt(v.psi):>8} "
+                     f"{v.psi_threshold:>8.4f} {_fmt(v.js):>8} {v.js_threshold:>8.4f}  {verdict}")
     drifted = report.drifted
     lines.append(f"{len(drifted)} of {len(report.features) + len(report.outputs)} drifted"
                  + (f": {', '.join(drifted)}" if drifted else ""))
+    lines.append(QUALITY_NOTE)
     return "\n".join(lines)

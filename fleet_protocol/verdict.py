@@ -17,7 +17,8 @@ import numpy as np
 from fleet_protocol.drift import js_distance, psi
 from fleet_protocol.manifest import DriftThresholds, FeatureBaseline
 
-__all__ = ["FeatureVerdict", "judge_feature", "threshold_at"]
+__all__ = ["QUALITY_NOTE", "FeatureVerdict", "format_rate", "judge_feature",
+           "threshold_at"]
 
 Status = Literal["insufficient", "ok", "drift"]
 
@@ -37,6 +38,14 @@ def threshold_at(thresholds: DriftThresholds, n: int, stat: Literal["psi", "js"]
 
 @dataclass(frozen=True)
 class FeatureVerdict:
+    """One feature's drift verdict, and the data-quality counts beside it.
+
+    ``rows`` counts the values the feature had (the ones drift is judged on); ``missing`` the
+    rows where it had none (NaN, empty); ``out_of_range`` those of ``rows`` outside what
+    training saw: below its minimum or above its maximum (the sketch's underflow and overflow
+    slots), or a category it never saw. A broken sensor shows here before it shows as drift.
+    """
+
     name: str
     status: Status
     rows: int
@@ -44,26 +53,57 @@ class FeatureVerdict:
     js: float | None
     psi_threshold: float
     js_threshold: float
+    missing: int = 0
+    out_of_range: int = 0
 
     @property
     def drifted(self) -> bool:
         return self.status == "drift"
 
+    @property
+    def missing_rate(self) -> float | None:
+        """Share of all rows (with a value or not) that had no value; None with no rows."""
+        total = self.rows + self.missing
+        return self.missing / total if total else None
 
-def judge_feature(baseline: FeatureBaseline, counts: np.ndarray,
-                  min_evidence: int) -> FeatureVerdict:
-    """Compare one feature's window counts (same slots as the baseline) with the baseline.
+    @property
+    def out_of_range_rate(self) -> float | None:
+        """Share of the rows with a value that lay outside the training range; None with none."""
+        return self.out_of_range / self.rows if self.rows else None
+
+
+def judge_feature(baseline: FeatureBaseline, counts: np.ndarray, min_evidence: int,
+                  missing: int = 0) -> FeatureVerdict:
+    """Compare one feature's window counts (same slots as the baseline) with the baseline;
+    ``missing``: the sketch's missing count of the feature, reported beside the verdict.
 
     The feature drifts when PSI or JS distance exceeds its threshold at this window size.
     """
     counts = np.asarray(counts, dtype=np.int64)
     n = int(counts.sum())
+    outside = int(counts[0] + counts[-1]) if baseline.kind == "numeric" else int(counts[-1])
     psi_thr = threshold_at(baseline.thresholds, n, "psi")
     js_thr = threshold_at(baseline.thresholds, n, "js")
     if n < min_evidence:
-        return FeatureVerdict(baseline.name, "insufficient", n, None, None, psi_thr, js_thr)
+        return FeatureVerdict(baseline.name, "insufficient", n, None, None, psi_thr, js_thr,
+                              int(missing), outside)
     expected = np.asarray(baseline.counts, dtype=np.int64)
     p = psi(expected, counts)
     j = js_distance(expected, counts)
     status: Status = "drift" if (p > psi_thr or j > js_thr) else "ok"
-    return FeatureVerdict(baseline.name, status, n, p, j, psi_thr, js_thr)
+    return FeatureVerdict(baseline.name, status, n, p, j, psi_thr, js_thr, int(missing),
+                          outside)
+
+
+#: what the drift tables' two data-quality columns mean
+QUALITY_NOTE = ("missing: rows without a value; outside: values beyond the training range "
+                "(below its minimum, above its maximum, or a category it never saw)")
+
+
+def format_rate(rate: float | None) -> str:
+    """A share as the drift tables print it: ``-`` (no rows), ``0``, ``<0.1%``, ``12.5%``."""
+    if rate is None:
+        return "-"
+    if rate == 0:
+        return "0"
+    return "<0.1%" if rate < 0.001 else f"{rate:.1%}"

@@ -63,9 +63,10 @@ class Sent:
 def window(device_id: str, start: float, rows: int, rng: np.random.Generator, *,
            manifest: BundleManifest | None = None, model_name: str = "toy",
            model_version: str = "1.0.0", tilt: float = 0.0, length: float = 300.0,
-           layouts: tuple[SketchLayout, SketchLayout] | None = None
+           layouts: tuple[SketchLayout, SketchLayout] | None = None, missing: int = 0
            ) -> tuple[msgs.WindowItem, Sent]:
-    """A closed window of ``rows`` rows (in the manifest's layouts, drawn from its baseline)."""
+    """A closed window of ``rows`` rows (in the manifest's layouts, drawn from its baseline),
+    every input feature missing in ``missing`` more."""
     if layouts is None:
         layouts = layouts_of(manifest) if manifest is not None else (TOY_IN, TOY_OUT)
     lay_in, lay_out = layouts
@@ -74,7 +75,7 @@ def window(device_id: str, start: float, rows: int, rng: np.random.Generator, *,
         model_name, model_version = manifest.name, manifest.version
         probs_in = [np.asarray(b.counts) for b in manifest.baseline.features]
         probs_out = [np.asarray(b.counts) for b in manifest.baseline.outputs]
-    s_in = sketch(lay_in, rng, rows, probs=probs_in, tilt=tilt)
+    s_in = sketch(lay_in, rng, rows, probs=probs_in, tilt=tilt, missing=missing)
     s_out = sketch(lay_out, rng, rows, probs=probs_out)
     key = key_of(lay_in, lay_out)
     item = msgs.window_item_from(

@@ -43,7 +43,9 @@ def test_drift_table_shows_where_drift_comes_from(hub_db: str,
     lines = out.splitlines()
     assert lines[0].startswith("small 1.2.0: 6 of 6 device(s) reporting, 144 window(s), "
                                "28800 rows, 2023-11-14 22:00Z -> 2023-11-15 00:00Z")
-    assert lines[2].split() == ["feature", "rows", "psi", "limit", "js", "limit", "verdict"]
+    assert lines[2].split() == ["feature", "rows", "missing", "outside", "psi", "limit", "js",
+                                "limit", "verdict"]
+    assert any(line.startswith("missing: rows without a value; outside: ") for line in lines)
     where = lines.index(next(line for line in lines if line.startswith("device ")))
     assert lines[where + 1].split()[0] == "pi-4" and lines[where + 1].endswith("DRIFT")
     assert lines[where + 2].endswith(" ok") and lines[where + 3] == ""

@@ -16,7 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cloud_hub.errors import BundleNotFound, QueryError
-from cloud_hub.fleet_drift import HOUR, STRONG_SCORE, FleetDrift, chance_limit, fleet_drift
+from cloud_hub.fleet_drift import (
+    HOUR,
+    STRONG_SCORE,
+    FleetDrift,
+    chance_limit,
+    fleet_drift,
+    format_fleet_drift,
+)
 from cloud_hub.store import HubStore
 from fleet_protocol import codec
 from fleet_protocol import messages as msgs
@@ -77,12 +84,24 @@ def _check_equal(result: FleetDrift, manifest: BundleManifest, plain: dict[str, 
     assert (result.since, result.until) == (plain["since"], plain["until"])
     assert (result.windows, result.rows, result.skipped_windows) == (
         plain["windows"], plain["rows"], plain["skipped"])
-    want = [judge_feature(b, plain["inputs"].feature_counts(j), base.min_evidence)
+    ins, outs = plain["inputs"], plain["outputs"]
+    want = [judge_feature(b, ins.feature_counts(j), base.min_evidence, int(ins.missing[j]))
             for j, b in enumerate(base.features)]
-    want += [judge_feature(b, plain["outputs"].feature_counts(j), base.min_evidence)
+    want += [judge_feature(b, outs.feature_counts(j), base.min_evidence, int(outs.missing[j]))
              for j, b in enumerate(base.outputs)]
     assert list(result.features + result.outputs) == want
     assert result.reporting == len(plain["per_device"])
+    most_missing = []
+    for device, (s_in, _) in plain["per_device"].items():
+        present = np.array([s_in.feature_counts(j).sum() for j in range(len(base.features))])
+        total = present + s_in.missing
+        rates = np.where(total > 0, s_in.missing / np.maximum(total, 1), 0.0)
+        j = int(np.argmax(rates))
+        if s_in.missing[j] > 0:
+            most_missing.append((-rates[j], -int(s_in.missing[j]), device,
+                                 base.features[j].name, int(total[j])))
+    assert [(m.device_id, m.feature, m.missing, m.rows) for m in result.missing] == [
+        (d, f, -m, n) for _, m, d, f, n in sorted(most_missing)]
     for d in result.devices:
         s_in, s_out = plain["per_device"][d.device_id]
         verdicts = [judge_feature(b, s_in.feature_counts(j), base.min_evidence)
@@ -111,8 +130,9 @@ def test_fleet_drift_equals_the_plain_merge_of_the_windows_it_covers(
         small_bundle: Any, seed: int, n_devices: int, n_windows: int, refresh_midway: bool,
         since: float, length: float) -> None:
     """Random windows (unaligned starts, any order, some late, some of another layout or
-    version) over random hours: counts, verdicts and per-device scores equal the plain
-    merge of Sketch.from_bytes over the covered hours."""
+    version, some with missing values) over random hours: counts, missing and out-of-range
+    counts, verdicts and per-device scores equal the plain merge of Sketch.from_bytes over
+    the covered hours."""
     manifest = small_bundle.manifest
     rng = np.random.default_rng(seed)
     pyrng = random.Random(seed)
@@ -130,7 +150,8 @@ def test_fleet_drift_equals_the_plain_merge_of_the_windows_it_covers(
                                    model_version="1.3.0")
         else:
             item, s = fleet.window(device, start, pyrng.randrange(0, 400), rng,
-                                   manifest=manifest, tilt=pyrng.choice([0.0, 0.0, 2.0]))
+                                   manifest=manifest, tilt=pyrng.choice([0.0, 0.0, 2.0]),
+                                   missing=pyrng.choice([0, 0, 3]))
         items.append((device, item))
         sent.append(s)
     with tempfile.TemporaryDirectory() as tmp, HubStore(path=Path(tmp) / "hub.db") as store:
@@ -186,6 +207,37 @@ def test_one_drifted_device_is_ranked_first_with_its_site(sqlite_store: HubStore
                         until=T0 + 3 * HOUR, selector="site=a")
     assert (quiet.selected, quiet.reporting) == (2, 2)
     assert not quiet.drifted and {d.device_id for d in quiet.devices} == {"pi-0", "pi-1"}
+
+
+def test_a_device_whose_sensor_stopped_is_listed_by_its_missing_rate(
+        sqlite_store: HubStore, small_bundle: Any) -> None:
+    """A device sending rows without values is not drift (drift is judged on the values that
+    came) but is listed under "missing values", worst first; devices without any are not."""
+    manifest = small_bundle.manifest
+    sqlite_store.add_bundle(manifest)
+    rng = np.random.default_rng(3)
+    items = []
+    for device, missing in (("pi-0", 0), ("pi-1", 0), ("pi-2", 50), ("pi-3", 3)):
+        for k in range(4):
+            item, _ = fleet.window(device, T0 + 300.0 * k, 150, rng, manifest=manifest,
+                                   missing=missing)
+            items.append((device, item))
+    _send(sqlite_store, items, random.Random(3), {})
+    r = fleet_drift(sqlite_store, model_name="small", model_version="1.2.0", since=T0,
+                    until=T0 + HOUR)
+    first = manifest.baseline.features[0].name  # every feature misses as often: the first
+    assert [(m.device_id, m.feature, m.missing, m.rows) for m in r.missing] == [
+        ("pi-2", first, 200, 800), ("pi-3", first, 12, 612)]
+    assert r.missing[0].rate == 0.25
+    assert r.features[0].missing == 212 and r.features[0].rows == 2400
+    assert all(d.status != "drift" for d in r.devices)
+    table = format_fleet_drift(r)
+    section = table[table.index("missing values: "):].splitlines()
+    assert section[2].split() == ["pi-2", "800", first, "25.0%"]
+    assert section[3].split() == ["pi-3", "612", first, "2.0%"]
+    assert "missing values:" not in format_fleet_drift(
+        fleet_drift(sqlite_store, model_name="small", model_version="1.2.0", since=T0,
+                    until=T0 + HOUR, selector="site=none"))
 
 
 def test_a_window_days_late_lands_in_its_hour(sqlite_store: HubStore,

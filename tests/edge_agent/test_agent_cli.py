@@ -142,9 +142,19 @@ def test_batch_csv_and_drift_table(tmp_path: Path, keypair: Any, small_bundle: A
     assert all(abs(float(r[3]) + float(r[4]) - 1) < 1e-5 for r in rows[1:] if r[0] != "r3")
     drift = _cli("drift", "-c", str(cfg), cwd=tmp_path)
     assert drift.returncode == 0, drift.stderr
-    verdicts = {ln.split()[0]: ln.split()[-1] for ln in drift.stdout.splitlines()[2:-1]}
+    lines = drift.stdout.splitlines()
+    assert lines[1].split()[:4] == ["feature", "rows", "missing", "outside"]
+    assert lines[-1].startswith("missing: rows without a value; outside: values beyond")
+    table = {ln.split()[0]: ln.split() for ln in lines[2:-2]}
+    verdicts = {name: cells[-1] for name, cells in table.items()}
     assert verdicts["f2"] == "DRIFT"
     assert verdicts["f0"] == "ok" and verdicts["f4"] == "ok"
+    # r3's missing f0 is 1 of the 200 rows; the shifted sensor lies past its training maximum
+    assert table["f0"][1:3] == ["199", "0.5%"] and table["f4"][2] == "0"
+    edges = small_bundle.manifest.baseline.features[2].edges
+    beyond = float(np.mean((X[:, 2] < edges[0]) | (X[:, 2] > edges[-1])))
+    assert beyond > 0.2  # the shift is large enough for this to say something
+    assert float(table["f2"][3].rstrip("%")) / 100 == pytest.approx(beyond, abs=0.006)
 
 
 def test_batch_reports_bad_cells(tmp_path: Path, keypair: Any, small_bundle: Any) -> None:
