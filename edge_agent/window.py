@@ -154,11 +154,10 @@ class ModelWindow:
                 np.array(scores, dtype=np.float64) if self.model.classifier else None)
 
     def metrics(self, rss_bytes: int | None) -> dict[str, Any]:
-        per_feature: dict[str, dict[str, int]] = {}
-        for j, f in enumerate(self.model.input_layout.features):
-            counts = self.inputs.feature_counts(j)
-            oor = int(counts[0] + counts[-1]) if f.kind == "numeric" else int(counts[-1])
-            per_feature[f.name] = {"missing": int(self.inputs.missing[j]), "out_of_range": oor}
+        """The window's counters as the stored and sent JSON. Per-feature missing and
+        out-of-range counts are not repeated here: the input sketch holds them (its missing
+        counts, its underflow and overflow slots), and the drift tables read them from it
+        (fleet_protocol.verdict); sent on every window, they were ~100 B of each message."""
         out: dict[str, Any] = {
             "requests": self.requests, "rows": self.rows, "rejected": self.rejected,
             "errors": self.errors,
@@ -167,7 +166,6 @@ class ModelWindow:
             "latency_p50_us": self.latency.quantile(0.5) if self.latency.count else None,
             "latency_p95_us": self.latency.quantile(0.95) if self.latency.count else None,
             "latency_p99_us": self.latency.quantile(0.99) if self.latency.count else None,
-            "inputs": per_feature,
             "raw": {"out_of_range_rows": self.raw_out_of_range, "empty_rows": self.raw_empty},
             "feedback": {"count": self.feedback, "concept_drift_detections": self.concept_drift},
             "rss_bytes": rss_bytes,

@@ -67,14 +67,20 @@ def synthetic_window(rng: np.random.Generator, lay_in: Any, lay_out: Any, scale:
     s_out.update_numeric(1, rng.beta(5, 2, n))
     lat = LatencyHistogram()
     lat.record_many(rng.lognormal(np.log(15), 0.4, n))
+    # every key edge_agent.window.ModelWindow.metrics writes for a 3-class classifier, in a
+    # window without ground truth (feedback is the exception, not every window's)
+    confusion = np.zeros((3, 3), dtype=np.int64)
     metrics = {
         "requests": n, "rows": n, "rejected": 0, "errors": 0, "nonfinite_outputs": 0,
         "latency_us": lat.to_dict(), "latency_p50_us": lat.quantile(0.5),
         "latency_p95_us": lat.quantile(0.95), "latency_p99_us": lat.quantile(0.99),
-        "inputs": {ft.name: {"missing": 0,
-                             "out_of_range": int(s_in.feature_counts(j)[[0, -1]].sum())}
-                   for j, ft in enumerate(lay_in.features)},
+        "raw": {"out_of_range_rows": 0, "empty_rows": 0},
+        "feedback": {"count": int(confusion.sum()), "concept_drift_detections": 0,
+                     "confusion": confusion.tolist(),
+                     "accuracy": None},
         "rss_bytes": 123_456_789,
+        "shadow": {"compared": 0, "agreed": 0, "agreement": None, "mean_abs_diff": None,
+                   "dropped": 0},
     }
     return window_item_from(
         model_name="bench", model_version="1.0.0", slot="blue", start=start, end=start + 300,

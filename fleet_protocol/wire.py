@@ -18,17 +18,19 @@ the field and the value, e.g. ``items.0.rows: Input should be greater than or eq
 Measured size (zlib level 6; tests/fleet_protocol/test_messages.py rebuilds it and checks the
 numbers): one envelope holding one closed 5-minute window at 10 predictions/s (3,000 rows),
 input sketch of 16 numeric features x 16 bins (1,214 B binary), output sketch of a 3-class label
-and its score in 16 bins (89 B), and the metrics the agent writes (1,416 B of JSON: latency
-histogram, confusion matrix, per-feature counts)::
+and its score in 16 bins (89 B), and the metrics the agent writes (701 B of JSON: latency
+histogram, confusion matrix, counters; the per-feature missing and out-of-range counts are in
+the input sketch, not repeated)::
 
-    encoded envelope          plain JSON 3,566 B    zlib (what is sent) 1,841 B
+    encoded envelope          plain JSON 2,851 B    zlib (what is sent) 1,751 B
     the same rows as CSV      447,525 B (16 columns, 7 significant digits, one header line)
-    ratio raw CSV / sent      243x  (126x uncompressed)
+    ratio raw CSV / sent      256x
 
 So one 5-minute window at 10/s is ~4x short of the 1000x target: a sketch costs the same
 whatever it summarises (half the input sketch is its 16 x 40 B float64 moments), so only traffic
-per window moves the ratio. Measured: 12 windows of an hour in one envelope 14,182 B (381x); one
-hourly window 1,973 B (2,722x); 5-minute windows at 100/s 1,966 B each (2,277x).
+per window moves the ratio. Measured before the metrics stopped repeating the per-feature counts
+(~90 B more per window): 12 windows of an hour in one envelope 14,182 B (381x); one hourly
+window 1,973 B (2,722x); 5-minute windows at 100/s 1,966 B each (2,277x).
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import pytest
 from edge_agent.agent import Agent
 from edge_agent.bundle import load_public_key, read_bundle
 from edge_agent.config import AgentConfig, PrivacyConfig, TelemetryConfig
+from edge_agent.drift_report import drift_report
 from edge_agent.errors import FeedbackError, InputError, NotReadyError
 from edge_agent.model import BundleModel
 from edge_agent.telemetry import layouts_of
@@ -110,7 +111,8 @@ def test_a_named_row_is_the_same_row_as_an_array(agent: Agent) -> None:
 
 
 def test_missing_and_out_of_range_are_served_and_counted(agent: Agent, clock: Clock) -> None:
-    """NaN and far-out values are served; the window counts them per feature."""
+    """NaN and far-out values are served; the window's input sketch counts them per feature
+    (its missing counts, its overflow slot), as the drift report reads them."""
     row = _rows(1)[0].copy()
     row[0] = np.nan
     row[1] = 1e6
@@ -118,9 +120,11 @@ def test_missing_and_out_of_range_are_served_and_counted(agent: Agent, clock: Cl
     assert res.labels[0] in ("0", "1")
     agent.flush()
     (w,) = agent.store.windows(closed=False)
-    assert w.metrics["inputs"]["f0"]["missing"] == 1
-    assert w.metrics["inputs"]["f1"]["out_of_range"] == 1
-    assert w.metrics["inputs"]["f2"] == {"missing": 0, "out_of_range": 0}
+    f0, f1, f2 = drift_report(agent.serving().bundle.manifest, [w]).features[:3]
+    assert (f0.missing, f0.rows, f0.out_of_range) == (1, 0, 0)
+    assert (f1.missing, f1.rows, f1.out_of_range) == (0, 1, 1)
+    assert (f2.missing, f2.rows, f2.out_of_range) == (0, 1, 0)
+    assert "inputs" not in w.metrics  # the sketch holds them; the metrics do not repeat them
 
 
 def test_windows_are_sketched_checkpointed_and_closed(agent: Agent, clock: Clock) -> None:
