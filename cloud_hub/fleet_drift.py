@@ -615,8 +615,8 @@ def fleet_drift(store: HubStore, *, model_name: str, model_version: str, since: 
 
 def _most_missing(per_device: IntMatrix, feats: Sequence[_Feature],
                   reporting: Sequence[DeviceTags], top: int) -> tuple[DeviceMissing, ...]:
-    """Each device's input feature with the highest missing rate; the ``top`` devices with
-    any, highest rate first (ties: more missing rows first)."""
+    """Each device's input feature with the highest missing rate (ties: the first); the
+    ``top`` devices with any, highest rate first (ties: more missing rows, then device id)."""
     if not feats or not len(per_device):
         return ()
     missing = per_device[:, [f.missing for f in feats]]
@@ -626,7 +626,9 @@ def _most_missing(per_device: IntMatrix, feats: Sequence[_Feature],
     worst = np.argmax(rate, axis=1)
     rows = np.arange(len(per_device))
     worst_rate, worst_missing = rate[rows, worst], missing[rows, worst]
-    order = [int(i) for i in np.lexsort((-worst_missing, -worst_rate)) if worst_missing[i] > 0]
+    ids = np.array([d.device_id for d in reporting])
+    order = [int(i) for i in np.lexsort((ids, -worst_missing, -worst_rate))
+             if worst_missing[i] > 0]
     return tuple(DeviceMissing(reporting[i].device_id, feats[int(worst[i])].name,
                                int(worst_missing[i]), int(total[i, worst[i]]), reporting[i].tags)
                  for i in order[:top])

@@ -10,7 +10,7 @@ one multi-row VALUES statement per chunk of rows), and SQLAlchemy still wraps er
 ``HubStore.run_write`` retries the transient ones), fires its events and invalidates a dropped
 connection.
 
-The tables and columns are :mod:`cloud_hub.store`'s; ``tests/cloud_hub/test_ingest_sql.py``
+The tables and columns are those of :mod:`cloud_hub.tables`; ``tests/cloud_hub/test_ingest_sql.py``
 checks that the names here match them, and the ingestion tests run on both dialects.
 """
 

@@ -1,4 +1,4 @@
-"""MQTT payloads of protocol v1: strict message models and the bytes they travel as.
+"""MQTT payloads of protocol v1: the strict message models.
 
 Topics are in :mod:`fleet_protocol.topics`; each kind carries one model here
 (:data:`MESSAGE_TYPES`). Every model is strict (``extra="forbid"``, frozen, finite floats),
@@ -194,7 +194,8 @@ class _Strict(BaseModel):
 
 
 class BaseMessage(_Strict):
-    """Fields every message has; the size limits :func:`encode` and :func:`decode` apply."""
+    """Fields every message has; the size limits :func:`fleet_protocol.wire.encode` and
+    :func:`fleet_protocol.wire.decode` apply."""
 
     MAX_WIRE_BYTES: ClassVar[int] = 16 * 1024
     MAX_JSON_BYTES: ClassVar[int] = 64 * 1024

@@ -43,7 +43,9 @@ class FeatureVerdict:
     ``rows`` counts the values the feature had (the ones drift is judged on); ``missing`` the
     rows where it had none (NaN, empty); ``out_of_range`` those of ``rows`` outside what
     training saw: below its minimum or above its maximum (the sketch's underflow and overflow
-    slots), or a category it never saw. A broken sensor shows here before it shows as drift.
+    slots), or, for a categorical feature, a category outside the bundle's vocabulary (its
+    "other" slot: categories training never saw, and the rarest ones when training saw more
+    than the vocabulary keeps). A broken sensor shows here before it shows as drift.
     """
 
     name: str
@@ -97,13 +99,18 @@ def judge_feature(baseline: FeatureBaseline, counts: np.ndarray, min_evidence: i
 
 #: what the drift tables' two data-quality columns mean
 QUALITY_NOTE = ("missing: rows without a value; outside: values beyond the training range "
-                "(below its minimum, above its maximum, or a category it never saw)")
+                "(below its minimum, above its maximum, or a category outside the vocabulary)")
 
 
 def format_rate(rate: float | None) -> str:
-    """A share as the drift tables print it: ``-`` (no rows), ``0``, ``<0.1%``, ``12.5%``."""
+    """A share as the drift tables print it: ``-`` (no rows), ``0``, ``<0.1%``, ``12.5%``,
+    ``>99.9%``, ``100%``: a rare fault never prints as 0, a nearly dead sensor never as 100%."""
     if rate is None:
         return "-"
     if rate == 0:
         return "0"
-    return "<0.1%" if rate < 0.001 else f"{rate:.1%}"
+    if rate == 1:
+        return "100%"
+    if rate < 0.001:
+        return "<0.1%"
+    return ">99.9%" if rate > 0.999 else f"{rate:.1%}"

@@ -65,8 +65,8 @@ def window(device_id: str, start: float, rows: int, rng: np.random.Generator, *,
            model_version: str = "1.0.0", tilt: float = 0.0, length: float = 300.0,
            layouts: tuple[SketchLayout, SketchLayout] | None = None, missing: int = 0
            ) -> tuple[msgs.WindowItem, Sent]:
-    """A closed window of ``rows`` rows (in the manifest's layouts, drawn from its baseline),
-    every input feature missing in ``missing`` more."""
+    """A closed window of ``rows`` rows with values (in the manifest's layouts, drawn from its
+    baseline) and ``missing`` more without any: every feature and output missing in them."""
     if layouts is None:
         layouts = layouts_of(manifest) if manifest is not None else (TOY_IN, TOY_OUT)
     lay_in, lay_out = layouts
@@ -76,13 +76,14 @@ def window(device_id: str, start: float, rows: int, rng: np.random.Generator, *,
         probs_in = [np.asarray(b.counts) for b in manifest.baseline.features]
         probs_out = [np.asarray(b.counts) for b in manifest.baseline.outputs]
     s_in = sketch(lay_in, rng, rows, probs=probs_in, tilt=tilt, missing=missing)
-    s_out = sketch(lay_out, rng, rows, probs=probs_out)
     key = key_of(lay_in, lay_out)
+    s_out = sketch(lay_out, rng, rows, probs=probs_out, missing=missing)
+    served = rows + missing  # as an agent counts them: every row, with its values or not
     item = msgs.window_item_from(
         model_name=model_name, model_version=model_version, slot="blue", start=start,
         end=start + length, layout=key, inputs=s_in.to_bytes(), outputs=s_out.to_bytes(),
-        metrics={"requests": rows}, rows=rows)
-    return item, Sent(device_id, model_version, start, rows, key, s_in, s_out)
+        metrics={"requests": served}, rows=served)
+    return item, Sent(device_id, model_version, start, served, key, s_in, s_out)
 
 
 #: the outbox stream the simulated devices send under (one database each, never reset)

@@ -215,6 +215,8 @@ def test_a_device_whose_sensor_stopped_is_listed_by_its_missing_rate(
     came) but is listed under "missing values", worst first; devices without any are not."""
     manifest = small_bundle.manifest
     sqlite_store.add_bundle(manifest)
+    sqlite_store.ingest([fleet.state(d, tags={"site": "quiet" if d < "pi-2" else "loud"})
+                         for d in ("pi-0", "pi-1", "pi-2", "pi-3")], now=T0)
     rng = np.random.default_rng(3)
     items = []
     for device, missing in (("pi-0", 0), ("pi-1", 0), ("pi-2", 50), ("pi-3", 3)):
@@ -230,14 +232,17 @@ def test_a_device_whose_sensor_stopped_is_listed_by_its_missing_rate(
         ("pi-2", first, 200, 800), ("pi-3", first, 12, 612)]
     assert r.missing[0].rate == 0.25
     assert r.features[0].missing == 212 and r.features[0].rows == 2400
+    assert r.outputs[0].missing == 212  # the rollups' output missing counts, at their index
+    assert r.rows == 2400 + 212 and {d.device_id: d.rows for d in r.devices}["pi-2"] == 800
     assert all(d.status != "drift" for d in r.devices)
     table = format_fleet_drift(r)
     section = table[table.index("missing values: "):].splitlines()
     assert section[2].split() == ["pi-2", "800", first, "25.0%"]
     assert section[3].split() == ["pi-3", "612", first, "2.0%"]
-    assert "missing values:" not in format_fleet_drift(
-        fleet_drift(sqlite_store, model_name="small", model_version="1.2.0", since=T0,
-                    until=T0 + HOUR, selector="site=none"))
+    quiet = fleet_drift(sqlite_store, model_name="small", model_version="1.2.0", since=T0,
+                        until=T0 + HOUR, selector="site=quiet")
+    assert quiet.reporting == 2 and quiet.missing == ()
+    assert "missing values:" not in format_fleet_drift(quiet)
 
 
 def test_a_window_days_late_lands_in_its_hour(sqlite_store: HubStore,

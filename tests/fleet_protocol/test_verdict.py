@@ -44,8 +44,9 @@ def test_too_few_rows_still_reports_the_counts() -> None:
     assert nothing.missing_rate is None
 
 
-@pytest.mark.parametrize(("rate", "text"), [(None, "-"), (0.0, "0"), (0.0004, "<0.1%"),
-                                            (0.001, "0.1%"), (0.125, "12.5%"), (1.0, "100.0%")])
-def test_rates_print_so_a_rare_fault_is_not_shown_as_zero(rate: float | None,
-                                                          text: str) -> None:
+@pytest.mark.parametrize(("rate", "text"), [
+    (None, "-"), (0.0, "0"), (0.0004, "<0.1%"), (0.001, "0.1%"), (0.125, "12.5%"),
+    (0.999, "99.9%"), (0.9996, ">99.9%"), (1.0, "100%")])
+def test_rates_print_so_a_rare_fault_is_not_zero_nor_a_nearly_dead_sensor_all(
+        rate: float | None, text: str) -> None:
     assert format_rate(rate) == text
