@@ -59,11 +59,12 @@ from fleet_protocol.errors import CodecError
 from fleet_protocol.layouts import layouts_of
 from fleet_protocol.manifest import DriftThresholds, FeatureBaseline
 from fleet_protocol.verdict import (
-    QUALITY_NOTE,
+    STATUS_TEXT,
     FeatureVerdict,
     Status,
     format_rate,
     judge_feature,
+    verdict_lines,
 )
 
 if TYPE_CHECKING:
@@ -636,9 +637,6 @@ def _most_missing(per_device: IntMatrix, feats: Sequence[_Feature],
 
 # --- the table ---------------------------------------------------------------------------
 
-_VERDICT = {"drift": "DRIFT", "ok": "ok", "insufficient": "not enough data"}
-
-
 def _share(drifted: tuple[str, ...], judged: int) -> str:
     return f"{len(drifted)}/{judged}" if judged else "-"
 
@@ -654,12 +652,6 @@ def _num(v: float | None, fmt: str = ".4f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
-def _feature_line(v: FeatureVerdict) -> str:
-    return (f"{v.name[:22]:<22} {v.rows:>10} {format_rate(v.missing_rate):>7} "
-            f"{format_rate(v.out_of_range_rate):>7} {_num(v.psi):>8} {v.psi_threshold:>8.4f} "
-            f"{_num(v.js):>8} {v.js_threshold:>8.4f}  {_VERDICT[v.status]}")
-
-
 def format_fleet_drift(result: FleetDrift, top: int | None = None) -> str:
     """The fleet drift table: per-feature verdicts, then the devices and tag values that drift
     most (``top`` of each, default all the result holds)."""
@@ -671,15 +663,8 @@ def format_fleet_drift(result: FleetDrift, top: int | None = None) -> str:
         + (f", devices {r.selector}" if r.selector else ""),
         f"min evidence {r.min_evidence} rows; {r.skipped_windows} window(s) of other layouts "
         "skipped",
-        f"{'feature':<22} {'rows':>10} {'missing':>7} {'outside':>7} {'psi':>8} {'limit':>8} "
-        f"{'js':>8} {'limit':>8}  verdict",
+        *verdict_lines(r.features + r.outputs, rows_width=10),
     ]
-    lines += [_feature_line(v) for v in r.features]
-    lines += [_feature_line(v) for v in r.outputs]
-    drifted = r.drifted
-    lines.append(f"{len(drifted)} of {len(r.features) + len(r.outputs)} drifted"
-                 + (f": {', '.join(drifted)}" if drifted else ""))
-    lines.append(QUALITY_NOTE)
     lines += ["", "where it comes from: score = the worst feature's statistic / its limit; a "
               "device drifts when more of its features drift than chance explains, or its score "
               f"is over {STRONG_SCORE:g}",
@@ -689,7 +674,7 @@ def format_fleet_drift(result: FleetDrift, top: int | None = None) -> str:
         lines.append(f"{d.device_id[:24]:<24} {d.windows:>7} {d.rows:>10} "
                      f"{_num(d.score, '.2f'):>7} {_share(d.drifted, d.judged):>8} "
                      f"{(d.feature or '-')[:16]:<16} {_num(d.psi):>8} {_num(d.js):>8}  "
-                     f"{_VERDICT[d.status]}")
+                     f"{STATUS_TEXT[d.status]}")
     if not devices:
         lines.append("(no device reported windows of this model version in this range)")
     if tags:
@@ -700,7 +685,7 @@ def format_fleet_drift(result: FleetDrift, top: int | None = None) -> str:
             lines.append(f"{tag[:24]:<24} {t.devices:>7} {t.rows:>10} "
                          f"{_num(t.score, '.2f'):>7} {_share(t.drifted, t.judged):>8} "
                          f"{(t.feature or '-')[:16]:<16} {_num(t.psi):>8} {_num(t.js):>8}  "
-                         f"{_VERDICT[t.status]}")
+                         f"{STATUS_TEXT[t.status]}")
     if r.missing:
         lines += ["", "missing values: devices whose inputs most often had none (drift is judged "
                   "on the values that came; a sensor that stopped shows here)",

@@ -13,7 +13,7 @@ from edge_agent.store import WindowRow
 from edge_agent.telemetry import layouts_of
 from fleet_protocol.manifest import BundleManifest
 from fleet_protocol.sketch import Sketch
-from fleet_protocol.verdict import QUALITY_NOTE, FeatureVerdict, format_rate, judge_feature
+from fleet_protocol.verdict import FeatureVerdict, judge_feature, verdict_lines
 
 __all__ = ["DriftReport", "drift_report", "drift_table"]
 
@@ -47,23 +47,9 @@ def drift_report(manifest: BundleManifest, windows: Sequence[WindowRow]) -> Drif
     return DriftReport(len(used), sum(w.rows for w in used), feats, outs)
 
 
-def _fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.4f}"
-
-
 def drift_table(manifest: BundleManifest, windows: Sequence[WindowRow]) -> str:
     report = drift_report(manifest, windows)
-    lines = [f"{manifest.name} {manifest.version}: {report.rows} rows in {report.windows} "
-             f"window(s); min evidence {manifest.baseline.min_evidence} rows",
-             f"{'feature':<22} {'rows':>8} {'missing':>7} {'outside':>7} {'psi':>8} "
-             f"{'limit':>8} {'js':>8} {'limit':>8}  verdict"]
-    for v in report.features + report.outputs:
-        verdict = {"drift": "DRIFT", "ok": "ok", "insufficient": "not enough data"}[v.status]
-        lines.append(f"{v.name[:22]:<22} {v.rows:>8} {format_rate(v.missing_rate):>7} "
-                     f"{format_rate(v.out_of_range_rate):>7} {_fmt(v.psi):>8} "
-                     f"{v.psi_threshold:>8.4f} {_fmt(v.js):>8} {v.js_threshold:>8.4f}  {verdict}")
-    drifted = report.drifted
-    lines.append(f"{len(drifted)} of {len(report.features) + len(report.outputs)} drifted"
-                 + (f": {', '.join(drifted)}" if drifted else ""))
-    lines.append(QUALITY_NOTE)
-    return "\n".join(lines)
+    return "\n".join([f"{manifest.name} {manifest.version}: {report.rows} rows in "
+                      f"{report.windows} window(s); min evidence "
+                      f"{manifest.baseline.min_evidence} rows",
+                      *verdict_lines(report.features + report.outputs)])

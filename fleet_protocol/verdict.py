@@ -9,6 +9,7 @@ data" is neither pass nor fail.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,8 +18,8 @@ import numpy as np
 from fleet_protocol.drift import js_distance, psi
 from fleet_protocol.manifest import DriftThresholds, FeatureBaseline
 
-__all__ = ["QUALITY_NOTE", "FeatureVerdict", "format_rate", "judge_feature",
-           "threshold_at"]
+__all__ = ["QUALITY_NOTE", "STATUS_TEXT", "FeatureVerdict", "format_rate", "judge_feature",
+           "threshold_at", "verdict_lines"]
 
 Status = Literal["insufficient", "ok", "drift"]
 
@@ -97,6 +98,8 @@ def judge_feature(baseline: FeatureBaseline, counts: np.ndarray, min_evidence: i
                           outside)
 
 
+#: how the drift tables print a status
+STATUS_TEXT: dict[str, str] = {"drift": "DRIFT", "ok": "ok", "insufficient": "not enough data"}
 #: what the drift tables' two data-quality columns mean
 QUALITY_NOTE = ("missing: rows without a value; outside: values beyond the training range "
                 "(below its minimum, above its maximum, or a category outside the vocabulary)")
@@ -114,3 +117,24 @@ def format_rate(rate: float | None) -> str:
     if rate < 0.001:
         return "<0.1%"
     return ">99.9%" if rate > 0.999 else f"{rate:.1%}"
+
+
+def verdict_lines(verdicts: Sequence[FeatureVerdict], rows_width: int = 8) -> list[str]:
+    """The per-feature block of a drift table (the agent's ``agent drift``, the hub's ``fleet
+    drift``): a header, one line per verdict, how many drifted, and what the data-quality
+    columns mean. ``rows_width``: the rows column's width (a fleet's counts are longer)."""
+    lines = [f"{'feature':<22} {'rows':>{rows_width}} {'missing':>7} {'outside':>7} "
+             f"{'psi':>8} {'limit':>8} {'js':>8} {'limit':>8}  verdict"]
+    lines += [f"{v.name[:22]:<22} {v.rows:>{rows_width}} {format_rate(v.missing_rate):>7} "
+              f"{format_rate(v.out_of_range_rate):>7} {_num(v.psi):>8} {v.psi_threshold:>8.4f} "
+              f"{_num(v.js):>8} {v.js_threshold:>8.4f}  {STATUS_TEXT[v.status]}"
+              for v in verdicts]
+    drifted = [v.name for v in verdicts if v.drifted]
+    lines.append(f"{len(drifted)} of {len(verdicts)} drifted"
+                 + (f": {', '.join(drifted)}" if drifted else ""))
+    lines.append(QUALITY_NOTE)
+    return lines
+
+
+def _num(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
