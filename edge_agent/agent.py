@@ -420,17 +420,16 @@ class Agent:
                 self.recorder.record_shadow_drop(loaded.telemetry)
         return result
 
-    def _reserve_batch(self, loaded: LoadedModel, now: float, label_text: np.ndarray | None,
-                       n: int) -> tuple[int, np.ndarray, np.ndarray, bool]:
-        """A block of ids and a log entry for a deferred batch (the recorder calls it, under
-        its lock: see TelemetryRecorder.record_deferred)."""
-        assert label_text is not None  # a deferred batch's codes index its label texts
+    def _reserve_batch(self, loaded: LoadedModel, now: float, label_text: np.ndarray,
+                       scores: np.ndarray, codes: np.ndarray) -> tuple[int, bool]:
+        """A block of ids and a log entry for a deferred batch, whose ``scores`` and ``codes``
+        the fold fills (the recorder calls it, under its lock: see
+        TelemetryRecorder.record_deferred)."""
         with self._pending_lock:
             first = self._next_batch_id
-            self._next_batch_id = first + n
-            scores, codes, flush_soon = self._log.reserve_batch(first, now, loaded, n,
-                                                                label_text)
-        return first, scores, codes, flush_soon
+            self._next_batch_id = first + len(scores)
+            flush_soon = self._log.add_deferred(first, now, loaded, scores, codes, label_text)
+        return first, flush_soon
 
     def _record_batch(self, loaded: LoadedModel, feats: Any, pred: Prediction,
                       latency_us: float, raw_oor: int, raw_empty: int) -> np.ndarray:

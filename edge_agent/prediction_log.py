@@ -88,7 +88,7 @@ class TakenLog:
 
     entries: list[Run | _Batch]
     chunks: list[np.ndarray]
-    #: entries reserved for deferred batches (:meth:`PendingLog.reserve_batch`) among them
+    #: entries of deferred batches (:meth:`PendingLog.add_deferred`) among them
     deferred: int = 0
 
 
@@ -103,8 +103,10 @@ class PendingLog:
         self._used = 0
         self._chunks: list[np.ndarray] = []
         self._free: list[np.ndarray] = []
-        #: entries reserved since the last take (their codes and scores filled by the fold)
+        #: entries of deferred batches since the last take (their codes and scores filled by
+        #: the fold), and the bytes of those
         self._deferred = 0
+        self._deferred_bytes = 0
 
     @property
     def chunks_in_use(self) -> int:
@@ -130,19 +132,24 @@ class PendingLog:
             np.copyto(s, scores, casting="same_kind")
             np.copyto(c, codes, casting="unsafe")  # codes < len(label_text): they fit
         self.run = None
-        return len(self._chunks) >= FLUSH_SOON_CHUNKS
+        return self._flush_soon()
 
-    def reserve_batch(self, first: int, ts: float, loaded: LoadedModel, n: int,
-                      label_text: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Log a batch of integer classes whose codes and scores are not known yet: the
-        float32 scores and the narrowed codes (into ``label_text``) it will hold, for the
-        caller to fill before the writer takes them (the fold does, see
-        :meth:`edge_agent.telemetry.TelemetryRecorder.record_deferred`), and whether the
-        writer should flush now, as :meth:`add_batch`."""
-        s, c = self._coded(first, ts, loaded, n, label_text)
+    def _flush_soon(self) -> bool:
+        return (len(self._chunks) >= FLUSH_SOON_CHUNKS
+                or self._deferred_bytes >= FLUSH_SOON_CHUNKS * CHUNK_BYTES)
+
+    def add_deferred(self, first: int, ts: float, loaded: LoadedModel, scores: np.ndarray,
+                     codes: np.ndarray, label_text: np.ndarray) -> bool:
+        """Log a batch of integer classes whose float32 ``scores`` and narrowed ``codes`` (into
+        ``label_text``) are not filled yet: the fold fills them (they are views of its stage,
+        see :meth:`edge_agent.telemetry.TelemetryRecorder.record_deferred`) before the writer
+        reads them. Returns whether the writer should flush now, as :meth:`add_batch` (the
+        stages' log arrays the pending entries hold count with the chunks)."""
+        self.entries.append(_Batch(first, ts, loaded, scores, codes, label_text, None))
         self.run = None
         self._deferred += 1
-        return s, c, len(self._chunks) >= FLUSH_SOON_CHUNKS
+        self._deferred_bytes += scores.nbytes + codes.nbytes
+        return self._flush_soon()
 
     def _coded(self, first: int, ts: float, loaded: LoadedModel, n: int,
                label_text: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,7 +185,7 @@ class PendingLog:
         reads these ones outside the lock)."""
         taken = TakenLog(self.entries, self._chunks, self._deferred)
         self.entries, self._chunks = [], []
-        self._deferred = 0
+        self._deferred = self._deferred_bytes = 0
         self.run = self._chunk = None
         self._used = 0
         return taken

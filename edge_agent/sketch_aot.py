@@ -4,8 +4,9 @@ numba's on-disk cache still needs numba and LLVM in the process to load it: on t
 start they held ~117 MiB of the agent's 263-267 MiB after its first fold (94 MiB of it
 libllvmlite.so's pages).
 numba.pycc compiles ``sketch_kernels._update_segments_kernel`` into a plain CPython extension
-module instead, one entry point per value dtype (float32, float64), which imports with numpy
-alone. ``edgefleet agent warmup`` builds it (:func:`build`) into ``<numba cache dir>/aot/``;
+module instead, one entry point per value dtype (float32, float64), with
+``sketch_kernels._decode_kernel`` beside them, which imports with numpy alone.
+``edgefleet agent warmup`` builds it (:func:`build`) into ``<numba cache dir>/aot/``;
 :mod:`edge_agent.sketching` loads it (:func:`load`) when there is one, else uses numba's JIT.
 
 The file is named by a hash of everything its machine code depends on (:func:`build_key`): the
@@ -75,8 +76,9 @@ _CPU_KEYS = frozenset({"vendor_id", "cpu family", "model", "model name", "flags"
                        "CPU implementer", "CPU architecture", "CPU variant", "CPU part",
                        "Features", "isa", "uarch"})
 
-_I8, _F4, _F8, _B1 = (np.dtype(t) for t in (np.int64, np.float32, np.float64, np.bool_))
-_NUMBA_NAMES = {_I8: "i8", _F4: "f4", _F8: "f8", _B1: "b1"}
+_I8, _F4, _F8, _B1, _U1 = (np.dtype(t) for t in (np.int64, np.float32, np.float64, np.bool_,
+                                                  np.uint8))
+_NUMBA_NAMES = {_I8: "i8", _F4: "f4", _F8: "f8", _B1: "b1", _U1: "u1"}
 #: ``_update_segments_kernel``'s arguments, in order: (name, dtype, ndim, kind), every one
 #: C-contiguous; ``values`` has the entry point's dtype. Kind: "sketch" arrays are written,
 #: "layout" ones come from a KernelLayout (which makes them so on construction), "call" ones
@@ -91,6 +93,21 @@ _ARGS: tuple[tuple[str, np.dtype[Any] | None, int, str], ...] = (
 #: exported name per dtype of ``values``
 _ENTRY = {_F4: "update_segments_f4", _F8: "update_segments_f8"}
 _Check = tuple[int, np.dtype[Any], int, bool]
+#: ``_decode_kernel``'s arguments, as ``_ARGS`` (ndim 0: an int64 scalar, kind "scalar"); the
+#: probabilities are float32 (what a deferred batch holds)
+_DECODE_ARGS: tuple[tuple[str, np.dtype[Any], int, str], ...] = (
+    ("raw", _I8, 1, "call"), ("probabilities", _F4, 2, "call"), ("table", _I8, 1, "call"),
+    ("shift", _I8, 0, "scalar"), ("ranges", _I8, 2, "call"), ("outputs", _F8, 2, "written"),
+    ("log_scores", _F4, 1, "written"), ("log_codes", _U1, 1, "written"),
+    ("code_bytes", _I8, 0, "scalar"),
+)
+_DECODE_ENTRY = "decode_f4"
+_DECODE_SIGNATURE = "i8(" + ", ".join(
+    _NUMBA_NAMES[d] + ("" if ndim == 0 else "[::1]" if ndim == 1 else "[:, ::1]")
+    for _, d, ndim, _ in _DECODE_ARGS) + ")"
+_DECODE_CHECKS: tuple[_Check, ...] = tuple(
+    (k, d, ndim, kind == "written") for k, (_, d, ndim, kind) in enumerate(_DECODE_ARGS)
+    if kind != "scalar")
 
 
 def _types(values: np.dtype[Any]) -> list[tuple[np.dtype[Any], int]]:
@@ -263,6 +280,7 @@ def _compile(name: str, out_dir: Path) -> None:
             cc.target_cpu = "host"
             for dtype, entry in _ENTRY.items():
                 cc.export(entry, _signature(dtype))(sketch_kernels._update_segments_kernel.py_func)
+            cc.export(_DECODE_ENTRY, _DECODE_SIGNATURE)(sketch_kernels._decode_kernel.py_func)
             with _as_jit(), _root_log_level_kept():
                 cc.compile()
     finally:
@@ -313,10 +331,24 @@ def _patched(owner: Any, name: str, value: Any) -> Iterator[None]:
         setattr(owner, name, saved)
 
 
-class AotKernel:
-    """The loaded build: :meth:`fold` calls the entry point for the values' dtype."""
+def _args_fit(args: Sequence[Any], checks: tuple[_Check, ...]) -> bool:
+    """Whether each checked argument is an array of the compiled dtype and ndim, C-contiguous
+    and aligned, and writable where the kernel writes it."""
+    for k, dtype, ndim, written in checks:
+        a = args[k]
+        if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != ndim:
+            return False
+        flags = a.flags
+        if not (flags.c_contiguous and flags.aligned) or (written and not flags.writeable):
+            return False
+    return True
 
-    __slots__ = ("_entries", "path")
+
+class AotKernel:
+    """The loaded build: :meth:`fold` calls the entry point for the values' dtype,
+    :meth:`decode` the decoder of deferred batches."""
+
+    __slots__ = ("_decode", "_entries", "path")
 
     def __init__(self, path: Path, module: Any) -> None:
         self.path = path
@@ -325,6 +357,7 @@ class AotKernel:
         try:
             self._entries = {dtype: (getattr(module, entry), _checks(dtype))
                              for dtype, entry in _ENTRY.items()}
+            self._decode: Callable[..., int] = getattr(module, _DECODE_ENTRY)
         except AttributeError as err:
             raise ImportError(f"{path} is not a build of this kernel ({err})") from err
 
@@ -339,14 +372,14 @@ class AotKernel:
         if entry is None:
             return None
         fn, checks = entry
-        for k, dtype, ndim, written in checks:
-            a = args[k]
-            if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != ndim:
-                return None
-            flags = a.flags
-            if not (flags.c_contiguous and flags.aligned) or (written and not flags.writeable):
-                return None
-        return fn(*args)
+        return fn(*args) if _args_fit(args, checks) else None
+
+    def decode(self, args: Sequence[Any]) -> int | None:
+        """``_decode_kernel(*args)``, or None (nothing done) when an array is not of the
+        compiled dtype, shape, layout or writability (the caller decodes with the JIT). The
+        kernel reads ``raw``, ``probabilities`` and ``table`` at the rows and indices of
+        ``ranges`` and the table's length without bounds checks: the caller made them agree."""
+        return self._decode(*args) if _args_fit(args, _DECODE_CHECKS) else None
 
 
 def _untrusted(path: Path) -> str | None:

@@ -68,8 +68,8 @@ from edge_agent.errors import AgentError
 from fleet_protocol.errors import SketchError
 from fleet_protocol.sketch import FeatureLayout, Sketch, SketchLayout
 
-__all__ = ["KernelLayout", "RowBuffer", "fold_stage", "update_sketch", "update_sketch_segments",
-           "warmup"]
+__all__ = ["KernelLayout", "RowBuffer", "decode_deferred", "fold_stage", "update_sketch",
+           "update_sketch_segments", "warmup"]
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,7 @@ class _Kernels:
         self._chosen = False
         self._aot: sketch_aot.AotKernel | None = None
         self._jit: _Fold | None = None
+        self._jit_decode: Callable[..., int] | None = None
 
     def aot(self) -> sketch_aot.AotKernel | None:
         """The ahead-of-time build under NUMBA_CACHE_DIR (read from the environment, as numba
@@ -222,6 +223,14 @@ class _Kernels:
 
             self._jit = _update_segments_kernel
         return self._jit
+
+    def jit_decode(self) -> Callable[..., int]:
+        """The numba decoder of deferred batches (imports numba and LLVM the first time)."""
+        if self._jit_decode is None:
+            from edge_agent.sketch_kernels import _decode_kernel
+
+            self._jit_decode = _decode_kernel
+        return self._jit_decode
 
 
 _KERNELS = _Kernels()
@@ -281,6 +290,22 @@ def fold_stage(sketch: Sketch, klayout: KernelLayout, values: np.ndarray,
         start = int(ends[k - 1]) if k else 0
         _raise_bad_code(sketch, values[start:], j, i,
                         f"batch {k} (rows {start}..{int(ends[k]) - 1}): ")
+
+
+def decode_deferred(raw: np.ndarray, probabilities: np.ndarray, table: np.ndarray, shift: int,
+                    ranges: np.ndarray, outputs: np.ndarray, log_scores: np.ndarray,
+                    log_codes: np.ndarray, code_bytes: int) -> int:
+    """Decode deferred batches (rows ``ranges[k, 0]:ranges[k, 1]``, in bounds of every array):
+    label codes ``table[clip(raw - shift)]`` and scores (each row's largest float32
+    probability, NaN if any is NaN) into ``outputs`` (float64 rows: code, score) and into the
+    prediction log's float32 ``log_scores`` and ``log_codes`` (uint8, ``code_bytes`` per row,
+    little-endian). One call per stage, the GIL released; returns the non-finite scores.
+    The arrays are the telemetry stage's own: C-contiguous, of these dtypes."""
+    args = (raw, probabilities, table, shift, ranges, outputs, log_scores, log_codes,
+            code_bytes)
+    aot = _KERNELS.aot()
+    done = aot.decode(args) if aot is not None else None
+    return int(done if done is not None else _KERNELS.jit_decode()(*args))
 
 
 def _kernel_args(sketch: Sketch, klayout: KernelLayout, x: np.ndarray,
@@ -358,6 +383,10 @@ def warmup() -> None:
     values = np.array([[0.5, 0.0], [np.nan, -1.0]])
     for dtype in (np.float32, np.float64):
         update_sketch_segments(sketch, klayout, values.astype(dtype), [1, 2])
+    decode_deferred(np.zeros(1, np.int64), np.zeros((1, 2), np.float32),
+                    np.zeros(3, np.int64), 0, np.array([[0, 1]], np.int64),
+                    np.empty((1, 2), np.float64), np.empty(1, np.float32),
+                    np.empty(1, np.uint8), 1)
 
 
 class RowBuffer:

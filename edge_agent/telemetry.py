@@ -45,8 +45,8 @@ import numpy as np
 
 from edge_agent.concept_drift import Adwin
 from edge_agent.errors import AgentError
-from edge_agent.model import row_scores
-from edge_agent.sketching import fold_stage, warmup
+from edge_agent.prediction_log import code_dtype
+from edge_agent.sketching import decode_deferred, fold_stage, warmup
 from edge_agent.store import WindowRow
 from edge_agent.window import ModelTelemetry, ModelWindow
 from fleet_protocol.layouts import layouts_of
@@ -85,12 +85,15 @@ class _Stage:
 
     A *deferred* batch (:meth:`add_deferred`) is staged as the model gave its outputs: the
     label output (int64) and the float32 probabilities. The fold decodes them into the output
-    rows (code, score) first, and into the batch's prediction-log entry: the request does not
-    wait for either.
+    rows (code, score) and into the batch's prediction-log entry, which is a view of the
+    stage's own ``log_scores`` and ``log_codes`` (made for the stage's first deferred batch,
+    never reused: the entry outlives the stage): the request waits for neither. One kernel
+    call decodes every deferred batch of the stage (:func:`~edge_agent.sketching.
+    decode_deferred`), without the GIL.
     """
 
-    __slots__ = ("capacity", "deferred", "ends", "labels", "n", "outputs", "probs", "rows",
-                 "window")
+    __slots__ = ("capacity", "code_dtype", "decoder", "deferred", "ends", "labels", "log_codes",
+                 "log_scores", "n", "outputs", "probs", "rows", "window")
 
     def __init__(self, window: ModelWindow, rows: np.ndarray, outputs: np.ndarray,
                  labels: np.ndarray | None = None, probs: np.ndarray | None = None) -> None:
@@ -104,9 +107,13 @@ class _Stage:
         #: raw label outputs and probabilities of deferred batches (allocated on first use)
         self.labels = labels
         self.probs = probs
-        #: deferred batches: (start, end, decoder, log entry's scores, log entry's codes)
-        self.deferred: list[tuple[int, int, CodeTable, np.ndarray | None,
-                                  np.ndarray | None]] = []
+        #: deferred batches: [start, end) of each
+        self.deferred: list[tuple[int, int]] = []
+        #: what decodes the deferred batches' label outputs, and the log's code dtype
+        self.decoder: CodeTable | None = None
+        self.code_dtype: np.dtype[Any] | None = None
+        self.log_scores: np.ndarray | None = None
+        self.log_codes: np.ndarray | None = None
 
     def add(self, rows: np.ndarray, outputs: np.ndarray, scores: np.ndarray | None) -> None:
         """Copy a batch in (the copy is what makes it safe to fold on another thread)."""
@@ -119,10 +126,17 @@ class _Stage:
         self.n = b
         self.ends.append(b)
 
+    def takes(self, decoder: CodeTable, n_text: int) -> bool:
+        """Whether a deferred batch of ``decoder`` into ``n_text`` labels may join the stage's
+        deferred batches (one decoder and one log code dtype a stage)."""
+        return self.decoder is None or (decoder is self.decoder
+                                        and code_dtype(n_text) == self.code_dtype)
+
     def add_deferred(self, rows: np.ndarray, raw_labels: np.ndarray, probabilities: np.ndarray,
-                     decoder: CodeTable) -> None:
-        """Copy a batch in with its outputs undecoded (:meth:`log_into` names its log
-        entry)."""
+                     decoder: CodeTable, n_text: int) -> tuple[np.ndarray, np.ndarray]:
+        """Copy a batch in with its outputs undecoded (the caller checked :meth:`takes`);
+        returns its prediction-log entry's scores (float32) and codes (into ``n_text``
+        labels), which the fold fills."""
         a = self.n
         b = a + len(raw_labels)
         labels, probs = self.labels, self.probs
@@ -134,55 +148,34 @@ class _Stage:
         self.rows[a:b] = rows
         labels[a:b] = raw_labels
         probs[a:b] = probabilities
+        log_scores, log_codes, cdt = self.log_scores, self.log_codes, self.code_dtype
+        if log_scores is None or log_codes is None or cdt is None:
+            cdt = self.code_dtype = code_dtype(n_text)
+            log_scores = self.log_scores = np.empty(self.capacity, dtype=np.float32)
+            log_codes = self.log_codes = np.empty(self.capacity * cdt.itemsize, dtype=np.uint8)
+            self.decoder = decoder
         self.n = b
         self.ends.append(b)
-        self.deferred.append((a, b, decoder, None, None))
-
-    def log_into(self, log_scores: np.ndarray, log_codes: np.ndarray) -> None:
-        """The prediction-log entry of the last deferred batch: the fold fills its scores and
-        codes when it decodes them. (Reserved after the batch is staged, so a batch that
-        could not be staged leaves no entry for the writer to read unfilled.)"""
-        a, b, decoder, _, _ = self.deferred[-1]
-        self.deferred[-1] = (a, b, decoder, log_scores, log_codes)
+        self.deferred.append((a, b))
+        size = cdt.itemsize
+        return log_scores[a:b], log_codes[a * size:b * size].view(cdt)
 
     def decode_deferred(self) -> int:
         """Decode every deferred batch into the output rows and its log entry; the number of
         non-finite scores among them."""
-        assert self.labels is not None and self.probs is not None
-        bad = 0
-        segments = self.deferred
-        i = 0
-        while i < len(segments):
-            # consecutive batches of one decoder (usually the whole stage) in one pass: a
-            # handful of numpy calls per stage rather than per batch
-            a, b, decoder = segments[i][:3]
-            j = i + 1
-            while j < len(segments) and segments[j][0] == b and segments[j][2] is decoder:
-                b = segments[j][1]
-                j += 1
-            try:
-                codes = decoder(self.labels[a:b])
-                scores = row_scores(self.probs[a:b])
-            except BaseException:  # a bug: the log entries say "unknown", never stale bytes
-                for _, _, _, log_scores, log_codes in segments[i:j]:
-                    if log_scores is not None and log_codes is not None:
-                        log_codes[...] = decoder.codes[0]
-                        log_scores[...] = np.nan
-                raise
-            out = self.outputs[a:b]
-            out[:, 0] = codes
-            out[:, 1] = scores
-            for start, end, _, log_scores, log_codes in segments[i:j]:
-                if log_scores is None or log_codes is None:
-                    continue  # its request failed before it had an entry
-                np.copyto(log_scores, scores[start - a:end - a])
-                # codes < len(label_text): they fit the log's narrow dtype
-                np.copyto(log_codes, codes[start - a:end - a], casting="unsafe")
-            # a finite sum means every score is finite (one pass, no temporary array)
-            if not math.isfinite(float(scores.sum())):
-                bad += len(scores) - int(np.count_nonzero(np.isfinite(scores)))
-            i = j
-        return bad
+        decoder, cdt = self.decoder, self.code_dtype
+        assert self.labels is not None and self.probs is not None and decoder is not None
+        assert self.log_scores is not None and self.log_codes is not None and cdt is not None
+        try:
+            return decode_deferred(self.labels, self.probs, decoder.codes, decoder.shift,
+                                   np.array(self.deferred, dtype=np.int64), self.outputs,
+                                   self.log_scores, self.log_codes, cdt.itemsize)
+        except BaseException:  # a bug: the log entries say "unknown", never stale bytes
+            codes = self.log_codes.view(cdt)
+            for a, b in self.deferred:
+                codes[a:b] = decoder.codes[0]
+                self.log_scores[a:b] = np.nan
+            raise
 
     def fold(self) -> None:
         """Fold every staged batch into the window's sketches (caller holds the fold lock)."""
@@ -198,9 +191,10 @@ class _Stage:
 
 
 _Spare = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
-#: reserve(owner, now, label_text, n) -> (first id, the log entry's scores and codes to fill,
-#: flush soon): what TelemetryRecorder.record_deferred asks of the prediction log, under its lock
-Reserve = Callable[[Any, float, Any, int], tuple[int, np.ndarray, np.ndarray, bool]]
+#: reserve(owner, now, label_text, scores, codes) -> (first id, flush soon): what
+#: TelemetryRecorder.record_deferred asks of the prediction log, under its lock, for a batch
+#: whose log entry's scores and codes the fold fills
+Reserve = Callable[[Any, float, Any, np.ndarray, np.ndarray], tuple[int, bool]]
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -337,27 +331,36 @@ class TelemetryRecorder:
         (``prediction.raw_labels`` and its ``decoder``, float32 ``probabilities``), as
         :meth:`record` otherwise. Its label output and probabilities are staged as they are;
         the fold decodes them into the output sketch's rows and into the batch's
-        prediction-log entry, which ``reserve(owner, now, label_text, n_rows)`` makes here,
-        under the window lock (so :meth:`deferred_queued` sees every entry with its rows).
-        Returns what ``reserve`` gave: the batch's first id, and whether to flush soon.
+        prediction-log entry: views of the stage's log arrays, which
+        ``reserve(owner, now, label_text, scores, codes)`` logs here, under the window lock
+        (so :meth:`deferred_queued` sees every entry with its rows). Returns what ``reserve``
+        gave: the batch's first id, and whether to flush soon.
 
         The request saves the decode, the scores and the log's copies (~5 µs of a 1024-row
-        batch, ~40 µs for a logistic regression); the fold thread does them instead.
+        batch, ~40 µs for a logistic regression); the fold thread does them instead, in one
+        kernel call per stage.
         """
         rows = feats if type(feats) is np.ndarray else model.feature_rows(feats)
         raw, probabilities = prediction.raw_labels, prediction.probabilities
-        assert raw is not None and probabilities is not None and prediction.decoder is not None
+        decoder, text = prediction.decoder, prediction.label_text
+        assert raw is not None and probabilities is not None and decoder is not None
+        assert text is not None
         n_rows = len(raw)
         with self._lock:
             win = self._count_batch(model, now, n_rows, latency_us, raw_out_of_range,
                                     raw_empty)
             stage = win.stage
-            if stage is None or stage.n + n_rows > stage.capacity:
+            if stage is None or stage.n + n_rows > stage.capacity \
+                    or not stage.takes(decoder, len(text)):
+                if stage is not None and not stage.takes(decoder, len(text)):
+                    self._queue(stage)
+                    win.stage = None
                 stage = self._stage_for(win, n_rows)
-            stage.add_deferred(rows, raw, probabilities, prediction.decoder)
-            first, log_scores, log_codes, flush_soon = reserve(owner, now,
-                                                               prediction.label_text, n_rows)
-            stage.log_into(log_scores, log_codes)
+            log_scores, log_codes = stage.add_deferred(rows, raw, probabilities, decoder,
+                                                       len(text))
+            # reserved after the rows are staged: a batch that could not be staged leaves no
+            # log entry for the writer to read unfilled
+            first, flush_soon = reserve(owner, now, text, log_scores, log_codes)
             if stage.n == stage.capacity:
                 self._queue(stage)
                 win.stage = None

@@ -4,6 +4,7 @@ the prediction log see is what decoding on the request gave."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any, cast
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, TelemetryConfig
@@ -170,3 +173,67 @@ def test_a_batch_that_cannot_be_staged_reserves_no_log_entry(agent: Agent) -> No
     result = agent.predict(X)
     agent.flush()
     assert _stored_labels(agent, result.ids) == result.labels.tolist()
+
+
+@st.composite
+def deferred_stages(draw: st.DrawFn) -> dict[str, Any]:
+    """A stage's deferred batches: raw label outputs around (and far outside) a code table,
+    float32 probabilities with NaN and infinities, a few row ranges, a log code width."""
+    n_classes = draw(st.integers(1, 5))
+    lo = draw(st.integers(-3, 3))
+    table = np.array([n_classes, *draw(st.permutations(range(n_classes))), n_classes],
+                     dtype=np.int64)
+    n = draw(st.integers(1, 40))
+    raw = np.array(draw(st.lists(st.one_of(st.integers(lo - 3, lo + n_classes + 3),
+                                           st.integers(-2**62, 2**62)),
+                                 min_size=n, max_size=n)), dtype=np.int64)
+    cols = draw(st.integers(1, 4))
+    p = st.one_of(st.floats(0, 1, width=32), st.sampled_from([np.nan, np.inf, -np.inf, -0.0]))
+    probs = np.array(draw(st.lists(p, min_size=n * cols, max_size=n * cols)),
+                     dtype=np.float32).reshape(n, cols)
+    cuts = sorted(draw(st.sets(st.integers(0, n), max_size=6)) | {0, n})
+    ranges = [(a, b) for a, b in itertools.pairwise(cuts) if draw(st.booleans())]
+    return {"table": table, "shift": lo - 1, "raw": raw, "probs": probs,
+            "ranges": np.array(ranges, dtype=np.int64).reshape(-1, 2),
+            "code_bytes": draw(st.sampled_from([1, 2, 4]))}
+
+
+def decode_with(kernel: Any, case: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    """Run a decode kernel on ``case`` into arrays prefilled with a marker: (result, outputs,
+    log scores, log codes as integers)."""
+    n, cb = len(case["raw"]), case["code_bytes"]
+    outputs = np.full((n, 2), -7.0)
+    log_scores = np.full(n, -7.0, dtype=np.float32)
+    log_codes = np.full(n * cb, 0xAB, dtype=np.uint8)
+    bad = kernel(case["raw"], case["probs"], case["table"], case["shift"], case["ranges"],
+                 outputs, log_scores, log_codes, cb)
+    return (np.array(bad), outputs, log_scores,
+            log_codes.view(np.dtype(f"<u{cb}")).astype(np.int64))
+
+
+@settings(deadline=None, max_examples=200)
+@given(case=deferred_stages())
+def test_the_decode_kernel_is_the_table_and_numpy_s_row_maximum(case: dict[str, Any]) -> None:
+    """Against the request's own decode (CodeTable, row_scores): codes, scores (NaN wins, as
+    numpy's maximum), the count of non-finite scores, the log's narrow codes; rows outside the
+    ranges untouched."""
+    from edge_agent.model import row_scores
+    from edge_agent.sketch_kernels import _decode_kernel
+
+    bad, outputs, log_scores, log_codes = decode_with(_decode_kernel, case)
+    table = CodeTable(case["shift"], case["table"])
+    inside = np.zeros(len(case["raw"]), dtype=bool)
+    expected_bad = 0
+    for a, b in case["ranges"]:
+        inside[a:b] = True
+        codes = table(case["raw"][a:b])
+        scores = row_scores(case["probs"][a:b])
+        assert outputs[a:b, 0].tolist() == codes.tolist()
+        np.testing.assert_array_equal(outputs[a:b, 1], scores.astype(np.float64))
+        np.testing.assert_array_equal(log_scores[a:b], scores)
+        assert log_codes[a:b].tolist() == codes.tolist()
+        expected_bad += int((~np.isfinite(scores)).sum())
+    assert int(bad) == expected_bad
+    assert (outputs[~inside] == -7.0).all() and (log_scores[~inside] == -7.0).all()
+    marker = int.from_bytes(b"\xab" * case["code_bytes"], "little")
+    assert (log_codes[~inside] == marker).all()

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from edge_agent import sketch_aot, sketch_kernels, sketching
 from edge_agent.sketching import KernelLayout, _kernel_args
 from fleet_protocol.sketch import FeatureLayout, Sketch, SketchLayout
+from tests.edge_agent.test_deferred_batches import decode_with, deferred_stages
 from tests.edge_agent.test_sketching import cases, float32_cases
 
 SETTINGS = settings(deadline=None, max_examples=200)
@@ -132,6 +133,39 @@ def test_build_declines_arrays_it_was_not_compiled_for(built: Built) -> None:
     sketch.moments = np.tile(sketch.moments, (1, 2))[:, ::2]
     assert built.kernel.fold(_kernel_args(sketch, kl, values, ends)) is None
     assert sketch.counts.tolist() == [0, 0, 0]
+
+
+@SETTINGS
+@given(case=deferred_stages())
+def test_build_decodes_the_bits_of_the_jit(built: Built, case: dict[str, Any]) -> None:
+    """The deferred batches' decoder: the build writes what the JIT writes."""
+    aot = decode_with(lambda *args: built.kernel.decode(args), case)
+    jit = decode_with(sketch_kernels._decode_kernel, case)
+    assert aot[0].item() is not None, "the build declined the arrays the telemetry passes"
+    for a, j in zip(aot, jit, strict=True):
+        assert a.tobytes() == j.tobytes()
+
+
+def test_build_declines_decode_arrays_it_was_not_compiled_for(built: Built) -> None:
+    """float64 probabilities, int32 ranges, read-only outputs: declined, nothing written."""
+    raw, table = np.zeros(2, np.int64), np.array([1, 0, 1], np.int64)
+    probs, ranges = np.ones((2, 2), np.float32), np.array([[0, 2]], np.int64)
+    outputs, scores, codes = np.zeros((2, 2)), np.zeros(2, np.float32), np.zeros(2, np.uint8)
+
+    def decode(**changed: Any) -> int | None:
+        args = {"raw": raw, "probabilities": probs, "table": table, "shift": -1,
+                "ranges": ranges, "outputs": outputs, "log_scores": scores,
+                "log_codes": codes, "code_bytes": 1, **changed}
+        return built.kernel.decode(tuple(args.values()))
+
+    read_only = np.zeros((2, 2))
+    read_only.setflags(write=False)
+    assert decode(probabilities=probs.astype(np.float64)) is None
+    assert decode(ranges=ranges.astype(np.int32)) is None
+    assert decode(outputs=read_only) is None
+    assert decode(log_codes=np.zeros(4, np.uint8)[::2]) is None
+    assert outputs.tolist() == [[0.0, 0.0]] * 2 and codes.tolist() == [0, 0]
+    assert decode() == 0 and outputs.tolist() == [[0.0, 1.0]] * 2
 
 
 def test_build_releases_the_gil(built: Built) -> None:
