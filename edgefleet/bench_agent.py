@@ -76,15 +76,17 @@ class Plan:
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
-        # Short blocks, many rounds: a burst of noise from outside (this VM shares its host)
-        # lands on both sides alike instead of on one side's block. With blocks of 1000 calls
-        # the p99 ratio of one model moved 1.13-1.49x between four runs of unchanged code;
-        # with blocks of 100, 0.97-1.15x. Each round still holds the agent's own periodic
-        # work (a stage handed to the fold thread every 1024 rows) in proportion.
+        # Single rows alternate call by call: a burst of noise from outside (this VM shares
+        # its host) lands on both sides alike instead of on one side's block. With blocks of
+        # 1000 calls the p99 ratio of one model moved 1.13-1.49x between four runs of
+        # unchanged code; blocks of 100 gave 0.97-1.15x on a quiet day, and 1.30-1.70x on a
+        # noisy one (raw p99 3x its p50), where alternating each call gave 1.08-1.23x
+        # (session 9, six runs of each). The agent's own periodic work (a drain every 1024
+        # rows, a stage handed to the fold thread) still falls in proportion.
         if quick:
-            return cls(block=100, rounds=9, warmup=300, batch_block=5, batch_rounds=3,
+            return cls(block=1, rounds=900, warmup=300, batch_block=5, batch_rounds=3,
                        wrk_seconds=2, cold_runs=1, sustain_s=0.5)
-        return cls(block=100, rounds=300, warmup=1000, batch_block=20, batch_rounds=30,
+        return cls(block=1, rounds=30_000, warmup=1000, batch_block=20, batch_rounds=30,
                    wrk_seconds=10, cold_runs=3, sustain_s=3.0)
 
 
