@@ -12,6 +12,9 @@ own arrays. Holding a 1024-row batch's int64 codes and float64 scores until the 
 chunks go back to a free list once the writer has read them, so a busy agent reuses the same
 pages. When more than :data:`FLUSH_SOON_CHUNKS` chunks wait, the log asks for an early flush:
 the memory a burst of batches holds is bounded, not one flush interval of whatever arrives.
+A batch whose codes the fold decodes (:meth:`PendingLog.add_deferred`) is logged in its
+telemetry stage's own arrays instead, which the fold fills; their bytes count toward the same
+bound.
 
 Not thread-safe on its own: the agent calls it under its ``_pending_lock``.
 """

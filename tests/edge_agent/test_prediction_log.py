@@ -83,6 +83,23 @@ def test_a_burst_asks_for_an_early_flush_and_a_huge_batch_gets_its_own_block() -
     assert all(c.size == CHUNK_BYTES for c in log._free)
 
 
+def test_deferred_batches_count_toward_the_early_flush() -> None:
+    """A deferred batch's entry holds views of its stage's arrays, not chunk space: their
+    bytes count toward the same bound, and a take starts the count again."""
+    log = PendingLog()
+    loaded: Any = _Loaded()
+    n = 4096
+    per = 4 * n + n  # float32 scores + 1-byte codes
+    bound = plog.FLUSH_SOON_CHUNKS * CHUNK_BYTES
+    asks = [log.add_deferred(k * n, T0, loaded, np.zeros(n, np.float32),
+                             np.zeros(n, np.uint8), _text(2)) for k in range(bound // per + 1)]
+    assert not any(asks[:-1]) and asks[-1] and log.chunks_in_use == 0
+    taken = log.take()
+    assert taken.deferred == len(asks)
+    assert not log.add_deferred(0, T0, loaded, np.zeros(n, np.float32), np.zeros(n, np.uint8),
+                                _text(2))
+
+
 @settings(deadline=None, max_examples=60)
 @given(st.lists(st.tuples(st.sampled_from(["batch", "run", "other-model"]),
                           st.integers(1, 3000)), min_size=1, max_size=25))
