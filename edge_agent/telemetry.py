@@ -260,9 +260,22 @@ class TelemetryRecorder:
         self._thread: threading.Thread | None = None
 
     def register(self, model: ModelTelemetry, slot: str) -> None:
+        """A model that serves from ``slot``: the sketch kernels are loaded here, before it
+        serves, if they are not yet (see :meth:`_load_kernels`)."""
+        self._load_kernels()
         with self._lock:
             self._models[(model.name, model.version)] = (model, slot)
             self._adwin.setdefault((model.name, model.version), Adwin())
+
+    def _load_kernels(self) -> None:
+        """Load the sketch kernels (the ahead-of-time build: ~2 ms; numba's cache: ~0.5 s,
+        the GIL held in short slices; or compile them) once, when a model is registered:
+        loaded by the request that staged first, they stalled every request of a busy HTTP
+        server for that long (wrk's first 10 s after a start: p99 0.7-0.9 s, against 3 ms
+        after). Nor on the fold thread, where the requests would wait for its slices."""
+        if not self._kernels_loaded:
+            warmup()
+            self._kernels_loaded = True
 
     def _bounds(self, now: float) -> tuple[float, float]:
         start = math.floor(now / self.window_seconds) * self.window_seconds
@@ -481,12 +494,7 @@ class TelemetryRecorder:
             self._queue(stage)
             stage = None
         if stage is None:
-            if not self._kernels_loaded:
-                # Load (or compile) the kernels here, on the request that stages first, as
-                # folding inline did: on the fold thread, numba's loading holds the GIL for
-                # ~0.3 s in short slices and every request in that time waits for them.
-                warmup()
-                self._kernels_loaded = True
+            self._load_kernels()  # a recorder fed without a registered model
             stage = win.stage = self._new_stage(win, n)
         return stage
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import sqlite3
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,6 +177,25 @@ def _assert_committed_equals(agent: Agent, ref: Reference) -> None:
 
 
 # --- flush, backpressure, close ---------------------------------------------------------------
+
+
+def test_the_sketch_kernels_load_before_the_model_serves(make_agent: Any,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """Loaded when the model is registered (numba's cache takes ~0.5 s, the GIL held in
+    slices), not by the request that stages first, which made every concurrent request wait."""
+    import edge_agent.telemetry as telemetry
+
+    loads: list[str] = []
+    monkeypatch.setattr(telemetry, "warmup", lambda: loads.append(
+        threading.current_thread().name))
+    agent = make_agent()
+    assert loads == [threading.current_thread().name]  # in the constructor, once
+    agent.predict(_rows(300))
+    for x in _rows(BUFFER_ROWS + 1, seed=2):
+        agent.predict(x)
+    agent.flush()
+    assert len(loads) == 1
 
 
 def test_rows_predicted_right_before_a_flush_are_in_its_window(make_agent: Any) -> None:
