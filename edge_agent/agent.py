@@ -509,9 +509,13 @@ class Agent:
         self._flush_pending_predictions_only()
         row = self.store.prediction(prediction_id)
         if row is None:
+            kept, oldest = self.store.prediction_horizon()
+            since = "" if oldest is None else ", logged since " + time.strftime(
+                "%Y-%m-%d %H:%M:%S UTC", time.gmtime(oldest))
             raise FeedbackError(
-                f"prediction {prediction_id!r} is unknown (or older than the last "
-                f"{self.config.telemetry.keep_predictions} predictions kept)", status=404)
+                f"prediction {prediction_id!r} is unknown, or older than the predictions kept "
+                f"({kept} of at most {self.config.telemetry.keep_predictions}{since}; "
+                "[telemetry] keep_predictions sets how many)", status=404)
         with self._pending_lock:
             pending = any(f[0] == prediction_id for f in self._feedback)
         if pending or self.store.has_feedback(prediction_id):

@@ -145,6 +145,11 @@ def status_command(config_path: Path | None) -> None:
             rec = slots.get(slot)
             click.echo(f"{slot:<11} " + (f"{rec.name} {rec.version} (sha256 {rec.sha256[:12]}..."
                                          f", installed {_ts(rec.installed_at)})" if rec else "-"))
+        kept, oldest = store.prediction_horizon()
+        limit = config.telemetry.keep_predictions
+        click.echo(f"predictions {kept} logged (keep_predictions {limit})"
+                   + ("" if oldest is None else f", since {_ts(oldest)} "
+                      f"({_age(time.time() - oldest)} ago): feedback reaches that far back"))
         windows = store.windows()[-6:]
         if windows:
             click.echo(f"\n{'window start':<20} {'model':<18} {'requests':>8} {'errors':>6} "
@@ -200,6 +205,18 @@ def outbox_command(config_path: Path | None) -> None:
 
 def _ts(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _age(seconds: float) -> str:
+    """A duration as the largest unit that keeps it readable: 45 s, 12 min, 5.2 h, 3.1 days."""
+    s = max(0.0, seconds)
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 90 * 60:
+        return f"{s / 60:.0f} min"
+    if s < 48 * 3600:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
 
 
 def _num(v: Any) -> str:

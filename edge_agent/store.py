@@ -479,6 +479,13 @@ class AgentStore:
             rows = list(self.db.table("windows").rows_where(sql, args, order_by="start"))
         return [self._window(r) for r in rows]
 
+    def prediction_horizon(self) -> tuple[int, float | None]:
+        """How far back feedback can reach: the predictions the log holds, and the time of
+        the oldest (None: none logged). One look-up in the ts index."""
+        with self._lock:
+            oldest = self.db.execute("SELECT MIN(ts) FROM predictions").fetchone()[0]
+            return self._kept, None if oldest is None else float(oldest)
+
     def prediction(self, prediction_id: str) -> dict[str, Any] | None:
         """The prediction an id names: model, version, label and score (confidence/value)."""
         boot, _, hex_k = prediction_id.rpartition("-")

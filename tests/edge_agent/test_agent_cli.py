@@ -92,6 +92,9 @@ def test_run_serves_and_sigterm_flushes(tmp_path: Path, keypair: Any, small_bund
     assert "small 1.2.0" in status.stdout
     line = next(ln for ln in status.stdout.splitlines() if ln.split()[2:3] == ["small"])
     assert line.split()[4] == "25"  # requests in the window, all flushed at SIGTERM
+    horizon = next(ln for ln in status.stdout.splitlines() if ln.startswith("predictions"))
+    assert horizon.startswith("predictions 25 logged (keep_predictions 1000000), since ")
+    assert horizon.endswith("ago): feedback reaches that far back")
 
 
 def test_run_refuses_when_nothing_verifies(tmp_path: Path, keypair: Any,
@@ -255,3 +258,12 @@ def test_swap_status_shows_the_last_rollback_cause(tmp_path: Path, keypair: Any,
     assert "phase       rolled_back" in status.stdout
     assert "blue        small 1.2.0" in status.stdout and "green       -" in status.stdout
     assert "operator saw bad labels" in status.stdout
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (-3, "0 s"), (45, "45 s"), (89, "89 s"), (90, "2 min"), (60 * 89, "89 min"),
+    (5.24 * 3600, "5.2 h"), (47 * 3600, "47.0 h"), (3.1 * 86400, "3.1 days")])
+def test_status_ages_read_in_the_largest_sensible_unit(seconds: float, text: str) -> None:
+    from edge_agent.cli import _age
+
+    assert _age(seconds) == text

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import edge_agent.prediction_log as plog
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, TelemetryConfig
+from edge_agent.errors import FeedbackError
 from edge_agent.prediction_log import (
     CHUNK_BYTES,
     MAX_ROW_PREDICTIONS,
@@ -189,6 +190,42 @@ def test_retention_counts_predictions_not_rows(tmp_path: Path) -> None:
         assert ns == [1000, 10]  # 1,010 >= 1,000, and dropping the oldest would leave 10
     finally:
         store.close()
+
+
+def test_the_horizon_is_what_retention_kept(tmp_path: Path) -> None:
+    """How far back feedback can reach: the predictions kept and the oldest one's time, after
+    retention dropped the oldest rows (and nothing at all in a new log)."""
+    store = AgentStore(tmp_path / "agent.db", keep_predictions=2500)
+    try:
+        assert store.prediction_horizon() == (0, None)
+        for k in range(5):
+            row = ("boot", k * 1000, 1000, T0 + 60 * k, "m", "1", None,
+                   np.zeros(1000, "<f4").tobytes(), np.zeros(1000, "<u1").tobytes(), '["x"]')
+            store.write(WriteBatch(predictions=[row]))
+        assert store.prediction_horizon() == (3000, T0 + 120)  # rows 2, 3, 4 kept
+        assert store.prediction("boot-7cf") is None  # 1999: dropped with its row
+        assert store.prediction("boot-7d0") is not None  # 2000: the oldest kept
+    finally:
+        store.close()
+
+
+def test_feedback_for_a_prediction_past_the_horizon_says_how_far_back_the_log_reaches(
+        tmp_path: Path, keypair: Any, small_bundle: Any) -> None:
+    config = AgentConfig(data_dir=tmp_path / "agent", trusted_keys=(keypair.public_path,),
+                         bundle=small_bundle.path,
+                         telemetry=TelemetryConfig(keep_predictions=100))
+    X, _ = make_classification_data(n=400, d=6, seed=3)
+    with Agent(config, start_writer=False) as agent:
+        old = agent.predict(np.ascontiguousarray(X[:150], dtype=np.float32))
+        agent.flush()
+        new = agent.predict(np.ascontiguousarray(X[150:300], dtype=np.float32))
+        agent.flush()
+        with pytest.raises(FeedbackError) as err:
+            agent.feedback(old.ids[0], old.labels[0])
+        assert err.value.status == 404
+        assert "older than the predictions kept (150 of at most 100, logged since " in str(
+            err.value)
+        assert agent.feedback(new.ids[0], new.labels[0])["correct"] == 1
 
 
 def test_rows_retention_would_delete_at_once_are_not_written(tmp_path: Path) -> None:
