@@ -6,9 +6,10 @@ sketching happens on a fold thread, off the request path:
 - a single-row request appends one tuple (model, time, feature row as float32 bytes, output,
   score, latency) to a deque, without a lock; every SINGLES_DRAIN requests (and before a batch
   or a flush) they move to their windows, and each full block of BUFFER_ROWS rows of a window
-  is counted and copied into the window's *stage*, as one batch (what is left at a flush
-  too); the request whose rows fill a stage folds the queue itself, once per ``stage_rows``
-  single requests (a tail of one slow request instead of a burst of slowed ones);
+  is counted and copied into the window's *stage* (:mod:`edge_agent.stage`), as one batch
+  (what is left at a flush too); the request whose rows fill a stage folds the queue itself,
+  once per ``stage_rows`` single requests (a tail of one slow request instead of a burst of
+  slowed ones);
 - a batch request is counted and copied into its window's stage, as one batch; a batch of
   integer classes (see :meth:`TelemetryRecorder.record_deferred`) is staged as the model
   answered it, label output and probabilities, and the fold decodes its codes and scores for
@@ -45,15 +46,15 @@ import numpy as np
 
 from edge_agent.concept_drift import Adwin
 from edge_agent.errors import AgentError
-from edge_agent.prediction_log import code_dtype
-from edge_agent.sketching import decode_deferred, fold_stage, warmup
+from edge_agent.sketching import warmup
+from edge_agent.stage import Spare, Stage
 from edge_agent.store import WindowRow
 from edge_agent.window import ModelTelemetry, ModelWindow
 from fleet_protocol.layouts import layouts_of
 from fleet_protocol.residuals import RESIDUAL_LIMIT
 
 if TYPE_CHECKING:
-    from edge_agent.model import CodeTable, Prediction
+    from edge_agent.model import Prediction
 
 __all__ = ["FOLD_QUEUE_STAGES", "STAGE_ROWS", "ModelTelemetry", "ModelWindow", "TelemetryRecorder",
            "layouts_of"]
@@ -78,119 +79,6 @@ STAGE_BYTES = 1 << 20
 FOLD_QUEUE_STAGES = 4
 
 
-class _Stage:
-    """Rows of one window staged for the fold, in arrival order: float32 feature rows, float64
-    output rows, and where each batch ends (each request's batch, or a block of buffered single
-    rows, is folded as its own batch: the same bits as folding it when it arrived).
-
-    A *deferred* batch (:meth:`add_deferred`) is staged as the model gave its outputs: the
-    label output (int64) and the float32 probabilities. The fold decodes them into the output
-    rows (code, score) and into the batch's prediction-log entry, which is a view of the
-    stage's own ``log_scores`` and ``log_codes`` (made for the stage's first deferred batch,
-    never reused: the entry outlives the stage): the request waits for neither. One kernel
-    call decodes every deferred batch of the stage (:func:`~edge_agent.sketching.
-    decode_deferred`), without the GIL.
-    """
-
-    __slots__ = ("capacity", "code_dtype", "decoder", "deferred", "ends", "labels", "log_codes",
-                 "log_scores", "n", "outputs", "probs", "rows", "window")
-
-    def __init__(self, window: ModelWindow, rows: np.ndarray, outputs: np.ndarray,
-                 labels: np.ndarray | None = None, probs: np.ndarray | None = None) -> None:
-        self.window = window
-        self.rows = rows
-        self.outputs = outputs
-        #: rows it holds
-        self.capacity = int(rows.shape[0])
-        self.n = 0
-        self.ends: list[int] = []
-        #: raw label outputs and probabilities of deferred batches (allocated on first use)
-        self.labels = labels
-        self.probs = probs
-        #: deferred batches: [start, end) of each
-        self.deferred: list[tuple[int, int]] = []
-        #: what decodes the deferred batches' label outputs, and the log's code dtype
-        self.decoder: CodeTable | None = None
-        self.code_dtype: np.dtype[Any] | None = None
-        self.log_scores: np.ndarray | None = None
-        self.log_codes: np.ndarray | None = None
-
-    def add(self, rows: np.ndarray, outputs: np.ndarray, scores: np.ndarray | None) -> None:
-        """Copy a batch in (the copy is what makes it safe to fold on another thread)."""
-        a = self.n
-        b = a + len(outputs)
-        self.rows[a:b] = rows
-        self.outputs[a:b, 0] = outputs
-        if scores is not None:
-            self.outputs[a:b, 1] = scores
-        self.n = b
-        self.ends.append(b)
-
-    def takes(self, decoder: CodeTable, n_text: int) -> bool:
-        """Whether a deferred batch of ``decoder`` into ``n_text`` labels may join the stage's
-        deferred batches (one decoder and one log code dtype a stage)."""
-        return self.decoder is None or (decoder is self.decoder
-                                        and code_dtype(n_text) == self.code_dtype)
-
-    def add_deferred(self, rows: np.ndarray, raw_labels: np.ndarray, probabilities: np.ndarray,
-                     decoder: CodeTable, n_text: int) -> tuple[np.ndarray, np.ndarray]:
-        """Copy a batch in with its outputs undecoded (the caller checked :meth:`takes`);
-        returns its prediction-log entry's scores (float32) and codes (into ``n_text``
-        labels), which the fold fills."""
-        a = self.n
-        b = a + len(raw_labels)
-        labels, probs = self.labels, self.probs
-        if labels is None:
-            labels = self.labels = np.empty(self.capacity, dtype=np.int64)
-        if probs is None or probs.shape[1] != probabilities.shape[1]:
-            probs = self.probs = np.empty((self.capacity, probabilities.shape[1]),
-                                          dtype=np.float32)
-        self.rows[a:b] = rows
-        labels[a:b] = raw_labels
-        probs[a:b] = probabilities
-        log_scores, log_codes, cdt = self.log_scores, self.log_codes, self.code_dtype
-        if log_scores is None or log_codes is None or cdt is None:
-            cdt = self.code_dtype = code_dtype(n_text)
-            log_scores = self.log_scores = np.empty(self.capacity, dtype=np.float32)
-            log_codes = self.log_codes = np.empty(self.capacity * cdt.itemsize, dtype=np.uint8)
-            self.decoder = decoder
-        self.n = b
-        self.ends.append(b)
-        self.deferred.append((a, b))
-        size = cdt.itemsize
-        return log_scores[a:b], log_codes[a * size:b * size].view(cdt)
-
-    def decode_deferred(self) -> int:
-        """Decode every deferred batch into the output rows and its log entry; the number of
-        non-finite scores among them."""
-        decoder, cdt = self.decoder, self.code_dtype
-        assert self.labels is not None and self.probs is not None and decoder is not None
-        assert self.log_scores is not None and self.log_codes is not None and cdt is not None
-        try:
-            return decode_deferred(self.labels, self.probs, decoder.codes, decoder.shift,
-                                   np.array(self.deferred, dtype=np.int64), self.outputs,
-                                   self.log_scores, self.log_codes, cdt.itemsize)
-        except BaseException:  # a bug: the log entries say "unknown", never stale bytes
-            codes = self.log_codes.view(cdt)
-            for a, b in self.deferred:
-                codes[a:b] = decoder.codes[0]
-                self.log_scores[a:b] = np.nan
-            raise
-
-    def fold(self) -> None:
-        """Fold every staged batch into the window's sketches (caller holds the fold lock)."""
-        win = self.window
-        n = self.n
-        if self.deferred:
-            bad = self.decode_deferred()
-            if bad:
-                win.folded_nonfinite += bad
-        ends = np.array(self.ends, dtype=np.int64)  # increasing, the last is n: as built
-        fold_stage(win.inputs, win.model.k_in, self.rows[:n], ends)
-        fold_stage(win.outputs, win.model.k_out, self.outputs[:n], ends)
-
-
-_Spare = tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]
 #: reserve(owner, now, label_text, scores, codes) -> (first id, flush soon): what
 #: TelemetryRecorder.record_deferred asks of the prediction log, under its lock, for a batch
 #: whose log entry's scores and codes the fold fills
@@ -244,7 +132,7 @@ class TelemetryRecorder:
         #: the rows of a stage, by its rows' width (n_in): stage_rows, or fewer if wide
         self._stage_cap: dict[int, int] = {}
         self._fold_lock = threading.Lock()
-        self._jobs: collections.deque[_Stage] = collections.deque()
+        self._jobs: collections.deque[Stage] = collections.deque()
         self._rows_queued = 0
         self._rows_folded = 0
         #: stages a request folded itself because the queue was full (under _fold_lock)
@@ -252,7 +140,7 @@ class TelemetryRecorder:
         # Folded stages' arrays, reused: a fresh 0.5 MiB array costs page faults on first touch
         # (~60 µs on a small VM), more than the copy into it. Keyed by (n_in, n_out).
         # Keyed by (n_in, n_out): rows, outputs, and a deferred batch's labels and probabilities.
-        self._spare: dict[tuple[int, int], collections.deque[_Spare]] = {}
+        self._spare: dict[tuple[int, int], collections.deque[Spare]] = {}
         self._kernels_loaded = False
         self._use_thread = fold_thread
         self._wake = threading.Event()
@@ -486,7 +374,7 @@ class TelemetryRecorder:
             self._queue(stage)
             win.stage = None
 
-    def _stage_for(self, win: ModelWindow, n: int) -> _Stage:
+    def _stage_for(self, win: ModelWindow, n: int) -> Stage:
         """The window's stage, with room for ``n`` more rows (under _lock): a full one is
         queued and a new one started."""
         stage = win.stage
@@ -506,7 +394,7 @@ class TelemetryRecorder:
                                               max(BUFFER_ROWS, STAGE_BYTES // (4 * n_in)))
         return cap
 
-    def _new_stage(self, win: ModelWindow, n: int) -> _Stage:
+    def _new_stage(self, win: ModelWindow, n: int) -> Stage:
         """A stage for ``win`` with room for ``n`` rows: the usual size (from the spares when
         one is free), or a batch's own size when it is larger."""
         model = win.model
@@ -516,17 +404,17 @@ class TelemetryRecorder:
         spare = self._spare.get(shape)
         if rows == cap and spare:
             try:
-                return _Stage(win, *spare.pop())
+                return Stage(win, *spare.pop())
             except IndexError:  # taken by another thread since the check
                 pass
         # Features as float32: the model's input tensor is float32 (BundleModel.features casts
         # to it) and category codes are small integers, so this is exact and half the bytes to
         # copy. Outputs stay float64: a model may answer in doubles (a score of 0.49999999999
         # must not round onto a bin edge of 0.5), and they are two columns.
-        return _Stage(win, np.empty((rows, shape[0]), dtype=np.float32),
+        return Stage(win, np.empty((rows, shape[0]), dtype=np.float32),
                       np.empty((rows, shape[1]), dtype=np.float64))
 
-    def _queue(self, stage: _Stage) -> None:
+    def _queue(self, stage: Stage) -> None:
         """Put a stage on the fold queue (caller holds _lock)."""
         self._rows_queued += stage.n
         self._jobs.append(stage)
@@ -572,7 +460,7 @@ class TelemetryRecorder:
             self._rows_folded += stage.n
         self._recycle(stage)
 
-    def _recycle(self, stage: _Stage) -> None:
+    def _recycle(self, stage: Stage) -> None:
         n_in = stage.rows.shape[1]
         if stage.capacity != self._capacity(n_in):
             return

@@ -27,7 +27,7 @@ from fleet_protocol.residuals import ResidualSketch
 from fleet_protocol.sketch import Sketch, SketchLayout
 
 if TYPE_CHECKING:
-    from edge_agent.telemetry import _Stage
+    from edge_agent.stage import Stage
 
 __all__ = ["ModelTelemetry", "ModelWindow"]
 
@@ -100,7 +100,7 @@ class ModelWindow:
     buffered_scores: list[float] = field(default_factory=list)
     buffered_latency: list[float] = field(default_factory=list)
     #: rows copied here and not queued for the fold yet (None: nothing staged)
-    stage: _Stage | None = None
+    stage: Stage | None = None
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     requests: int = 0
     rows: int = 0
