@@ -180,8 +180,8 @@ class Agent:
     # --- slots -----------------------------------------------------------------------------
 
     def _install(self, slot: str, loaded: LoadedModel, reason: str) -> None:
+        self.recorder.register(loaded.telemetry, slot)  # before it serves: loads the kernels
         self.slots[slot] = loaded
-        self.recorder.register(loaded.telemetry, slot)
         m = loaded.bundle.manifest
         self.store.set_slot(
             SlotRecord(slot, m.name, m.version, m.model.sha256, str(loaded.path), self.clock()),
@@ -201,8 +201,8 @@ class Agent:
                 log.error("installed %s bundle %s refused: %s", slot, rec.path, err)
                 self.store.record_event("bundle_refused", {"slot": slot, "reason": str(err)})
                 continue
-            self.slots[slot] = loaded
             self.recorder.register(loaded.telemetry, slot)
+            self.slots[slot] = loaded
 
     def _offer(self, path: Path) -> None:
         """Install the configured bundle as blue if it differs from what blue serves."""
@@ -514,8 +514,8 @@ class Agent:
                 "%Y-%m-%d %H:%M:%S UTC", time.gmtime(oldest))
             raise FeedbackError(
                 f"prediction {prediction_id!r} is unknown, or older than the predictions kept "
-                f"({kept} of at most {self.config.telemetry.keep_predictions}{since}; "
-                "[telemetry] keep_predictions sets how many)", status=404)
+                f"({kept} kept{since}; [telemetry] keep_predictions = "
+                f"{self.config.telemetry.keep_predictions} sets how many)", status=404)
         with self._pending_lock:
             pending = any(f[0] == prediction_id for f in self._feedback)
         if pending or self.store.has_feedback(prediction_id):

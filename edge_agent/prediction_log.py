@@ -138,8 +138,9 @@ class PendingLog:
         return self._flush_soon()
 
     def _flush_soon(self) -> bool:
-        return (len(self._chunks) >= FLUSH_SOON_CHUNKS
-                or self._deferred_bytes >= FLUSH_SOON_CHUNKS * CHUNK_BYTES)
+        """Whether the chunks in use and the deferred entries' bytes reach the bound."""
+        return (len(self._chunks) * CHUNK_BYTES + self._deferred_bytes
+                >= FLUSH_SOON_CHUNKS * CHUNK_BYTES)
 
     def add_deferred(self, first: int, ts: float, loaded: LoadedModel, scores: np.ndarray,
                      codes: np.ndarray, label_text: np.ndarray) -> bool:

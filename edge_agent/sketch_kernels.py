@@ -313,7 +313,9 @@ def _decode_kernel(
             score = probabilities[i, 0]
             for c in range(1, n_cols):
                 v = probabilities[i, c]
-                if v > score or v != v:  # numpy's maximum: a NaN wins, ties keep the first
+                # numpy's maximum(score, v): a NaN wins, and of equal values the later one
+                # (-0.0 then +0.0 gives +0.0)
+                if v >= score or v != v:
                     score = v
             outputs[i, 0] = code
             outputs[i, 1] = score

@@ -74,23 +74,39 @@ class Stage:
         self.n = b
         self.ends.append(b)
 
-    def takes(self, decoder: CodeTable, n_text: int) -> bool:
-        """Whether a deferred batch of ``decoder`` into ``n_text`` labels may join the stage's
-        deferred batches (one decoder and one log code dtype a stage)."""
-        return self.decoder is None or (decoder is self.decoder
-                                        and code_dtype(n_text) == self.code_dtype)
+    def takes(self, decoder: CodeTable, n_text: int, n_classes: int) -> bool:
+        """Whether a deferred batch of ``decoder`` into ``n_text`` labels, with ``n_classes``
+        probability columns, may join the stage's deferred batches (one decoder, one log code
+        dtype and one probability width a stage)."""
+        if self.decoder is None:
+            return True
+        return (decoder is self.decoder and code_dtype(n_text) == self.code_dtype
+                and self.probs is not None and self.probs.shape[1] == n_classes)
 
     def add_deferred(self, rows: np.ndarray, raw_labels: np.ndarray, probabilities: np.ndarray,
                      decoder: CodeTable, n_text: int) -> tuple[np.ndarray, np.ndarray]:
         """Copy a batch in with its outputs undecoded (the caller checked :meth:`takes`);
         returns its prediction-log entry's scores (float32) and codes (into ``n_text``
-        labels), which the fold fills."""
+        labels), which the fold fills.
+
+        The decoding kernel reads and writes without bounds checks: every shape it relies on
+        is checked here (ValueError, nothing staged), so a malformed bundle fails a request
+        instead of writing past an array."""
         a = self.n
         b = a + len(raw_labels)
+        if (raw_labels.ndim != 1 or probabilities.ndim != 2 or len(probabilities) != b - a
+                or probabilities.shape[1] < 1 or self.outputs.shape[1] != 2
+                or b > self.capacity):
+            raise ValueError(
+                f"a deferred batch of {raw_labels.shape} labels and {probabilities.shape} "
+                f"probabilities does not fit a stage of {self.outputs.shape} outputs with "
+                f"{self.capacity - a} rows free: expected n labels, (n, k >= 1) probabilities "
+                "and two output columns (code, score)")
         labels, probs = self.labels, self.probs
         if labels is None:
             labels = self.labels = np.empty(self.capacity, dtype=np.int64)
         if probs is None or probs.shape[1] != probabilities.shape[1]:
+            assert not self.deferred, "takes() keeps one probability width a stage"
             probs = self.probs = np.empty((self.capacity, probabilities.shape[1]),
                                           dtype=np.float32)
         self.rows[a:b] = rows
@@ -99,7 +115,9 @@ class Stage:
         log_scores, log_codes, cdt = self.log_scores, self.log_codes, self.code_dtype
         if log_scores is None or log_codes is None or cdt is None:
             cdt = self.code_dtype = code_dtype(n_text)
-            log_scores = self.log_scores = np.empty(self.capacity, dtype=np.float32)
+            # little-endian, as the log stores them (prediction_log's chunks): the kernel's
+            # float32 on every device this runs on
+            log_scores = self.log_scores = np.empty(self.capacity, dtype="<f4")
             log_codes = self.log_codes = np.empty(self.capacity * cdt.itemsize, dtype=np.uint8)
             self.decoder = decoder
         self.n = b

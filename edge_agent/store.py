@@ -238,7 +238,7 @@ def _file_passes_quick_check(path: Path) -> bool:
 class AgentStore:
     """One SQLite file per agent; safe to share between the writer thread and readers."""
 
-    def __init__(self, path: str | Path, *, keep_predictions: int = 100_000,
+    def __init__(self, path: str | Path, *, keep_predictions: int = 1_000_000,
                  keep_windows: int = 2016, outbox_quota_bytes: int | None = None) -> None:
         self.path = Path(path)
         self.keep_predictions = keep_predictions
@@ -481,10 +481,11 @@ class AgentStore:
 
     def prediction_horizon(self) -> tuple[int, float | None]:
         """How far back feedback can reach: the predictions the log holds, and the time of
-        the oldest (None: none logged). One look-up in the ts index."""
+        the oldest (None: none logged). The oldest is the first inserted, as for retention:
+        a device without a real-time clock may log times that go back (before NTP)."""
         with self._lock:
-            oldest = self.db.execute("SELECT MIN(ts) FROM predictions").fetchone()[0]
-            return self._kept, None if oldest is None else float(oldest)
+            row = self.db.execute("SELECT ts FROM predictions ORDER BY rowid LIMIT 1").fetchone()
+            return self._kept, None if row is None else float(row[0])
 
     def prediction(self, prediction_id: str) -> dict[str, Any] | None:
         """The prediction an id names: model, version, label and score (confidence/value)."""

@@ -251,9 +251,10 @@ class TelemetryRecorder:
             win = self._count_batch(model, now, n_rows, latency_us, raw_out_of_range,
                                     raw_empty)
             stage = win.stage
+            width = probabilities.shape[-1]
             if stage is None or stage.n + n_rows > stage.capacity \
-                    or not stage.takes(decoder, len(text)):
-                if stage is not None and not stage.takes(decoder, len(text)):
+                    or not stage.takes(decoder, len(text), width):
+                if stage is not None and not stage.takes(decoder, len(text), width):
                     self._queue(stage)
                     win.stage = None
                 stage = self._stage_for(win, n_rows)

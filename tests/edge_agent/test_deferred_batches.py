@@ -229,11 +229,65 @@ def test_the_decode_kernel_is_the_table_and_numpy_s_row_maximum(case: dict[str, 
         codes = table(case["raw"][a:b])
         scores = row_scores(case["probs"][a:b])
         assert outputs[a:b, 0].tolist() == codes.tolist()
-        np.testing.assert_array_equal(outputs[a:b, 1], scores.astype(np.float64))
-        np.testing.assert_array_equal(log_scores[a:b], scores)
+        # the bytes: -0.0 and +0.0 compare equal, and numpy's maximum picks between them
+        assert outputs[a:b, 1].tobytes() == scores.astype(np.float64).tobytes()
+        assert log_scores[a:b].tobytes() == scores.tobytes()
         assert log_codes[a:b].tolist() == codes.tolist()
         expected_bad += int((~np.isfinite(scores)).sum())
     assert int(bad) == expected_bad
     assert (outputs[~inside] == -7.0).all() and (log_scores[~inside] == -7.0).all()
     marker = int.from_bytes(b"\xab" * case["code_bytes"], "little")
     assert (log_codes[~inside] == marker).all()
+
+
+def test_a_failed_decode_logs_unknown_labels_never_stale_bytes(
+        tmp_path: Path, keypair: Any, small_bundle: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """If the decode kernel fails (a bug), the stage's log entries are filled with the
+    "unknown" label and NaN scores before the error goes on: the writer never stores the
+    uninitialised bytes of the stage's log arrays, and the agent keeps serving."""
+    import edge_agent.stage as stage
+
+    def broken(*args: Any) -> int:
+        raise RuntimeError("decode kernel failed")
+
+    cfg = AgentConfig(data_dir=tmp_path / "agent", trusted_keys=(keypair.public_path,),
+                      bundle=small_bundle.path,
+                      telemetry=TelemetryConfig(window_seconds=60, flush_interval_seconds=0.05))
+    with Agent(cfg, clock=Clock(), start_writer=False, fold_thread=False) as agent:
+        monkeypatch.setattr(stage, "decode_deferred", broken)
+        result = agent.predict(_rows(80, seed=8))
+        assert isinstance(result.prediction, UndecodedPrediction)
+        agent.flush()
+        assert "decode kernel failed" in caplog.text
+        for pid in result.ids[::9]:
+            found = agent.store.prediction(pid)
+            assert found is not None and found["label"] == "?" and np.isnan(found["score"])
+        monkeypatch.undo()
+        again = agent.predict(_rows(80, seed=8))
+        agent.flush()
+        assert _stored_labels(agent, again.ids[::9]) == again.labels[::9].tolist()
+
+
+def test_a_deferred_batch_the_kernel_could_not_bound_is_refused_before_staging() -> None:
+    """The decode kernel has no bounds checks: a stage checks every shape it relies on
+    (a second output column for the score, one probability column at least, one label per
+    probability row) and stages nothing when one is off."""
+    from edge_agent.stage import Stage
+
+    table = CodeTable(-1, np.array([2, 0, 1, 2], dtype=np.int64))
+    window: Any = object()
+    rows = np.zeros((10, 3), np.float32)
+    raw = np.zeros(10, np.int64)
+    bad = [(np.empty((64, 1)), np.zeros((10, 2), np.float32)),  # no score column
+           (np.empty((64, 2)), np.zeros((10, 0), np.float32)),  # no probabilities
+           (np.empty((64, 2)), np.zeros((9, 2), np.float32))]  # a row short
+    for outputs, probs in bad:
+        stage = Stage(window, np.empty((64, 3), np.float32), outputs)
+        with pytest.raises(ValueError, match="does not fit a stage"):
+            stage.add_deferred(rows, raw, probs, table, 3)
+        assert stage.n == 0 and stage.deferred == [] and stage.log_scores is None
+    stage = Stage(window, np.empty((64, 3), np.float32), np.empty((64, 2)))
+    scores, codes = stage.add_deferred(rows, raw, np.zeros((10, 2), np.float32), table, 3)
+    assert (len(scores), len(codes), stage.n) == (10, 10, 10)
+    assert not stage.takes(table, 3, 3) and stage.takes(table, 3, 2)

@@ -205,6 +205,12 @@ def test_the_horizon_is_what_retention_kept(tmp_path: Path) -> None:
         assert store.prediction_horizon() == (3000, T0 + 120)  # rows 2, 3, 4 kept
         assert store.prediction("boot-7cf") is None  # 1999: dropped with its row
         assert store.prediction("boot-7d0") is not None  # 2000: the oldest kept
+        # a clock set back (a device without a real-time clock, before NTP): the oldest is
+        # the first inserted, as for retention, not the earliest time
+        row = ("boot", 5000, 1000, T0 - 86400, "m", "1", None,
+               np.zeros(1000, "<f4").tobytes(), np.zeros(1000, "<u1").tobytes(), '["x"]')
+        store.write(WriteBatch(predictions=[row]))
+        assert store.prediction_horizon() == (3000, T0 + 180)
     finally:
         store.close()
 
@@ -223,8 +229,9 @@ def test_feedback_for_a_prediction_past_the_horizon_says_how_far_back_the_log_re
         with pytest.raises(FeedbackError) as err:
             agent.feedback(old.ids[0], old.labels[0])
         assert err.value.status == 404
-        assert "older than the predictions kept (150 of at most 100, logged since " in str(
-            err.value)
+        message = str(err.value)
+        assert "older than the predictions kept (150 kept, logged since " in message
+        assert "; [telemetry] keep_predictions = 100 sets how many)" in message
         assert agent.feedback(new.ids[0], new.labels[0])["correct"] == 1
 
 
