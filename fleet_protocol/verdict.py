@@ -45,8 +45,11 @@ class FeatureVerdict:
     rows where it had none (NaN, empty); ``out_of_range`` those of ``rows`` outside what
     training saw: below its minimum or above its maximum (the sketch's underflow and overflow
     slots), or, for a categorical feature, a category outside the bundle's vocabulary (its
-    "other" slot: categories training never saw, and the rarest ones when training saw more
-    than the vocabulary keeps). A broken sensor shows here before it shows as drift.
+    "other" slot) — in both cases beyond the share training itself had there. Training has
+    none below its minimum or above its maximum, but a high-cardinality feature's "other"
+    holds the rare categories training saw beyond the 64 the vocabulary keeps: a window with
+    training's own share of them is not outside, a window where new categories came is. A
+    broken sensor shows here before it shows as drift.
     """
 
     name: str
@@ -84,7 +87,7 @@ def judge_feature(baseline: FeatureBaseline, counts: np.ndarray, min_evidence: i
     """
     counts = np.asarray(counts, dtype=np.int64)
     n = int(counts.sum())
-    outside = int(counts[0] + counts[-1]) if baseline.kind == "numeric" else int(counts[-1])
+    outside = _beyond_training(baseline, counts, n)
     psi_thr = threshold_at(baseline.thresholds, n, "psi")
     js_thr = threshold_at(baseline.thresholds, n, "js")
     if n < min_evidence:
@@ -98,11 +101,23 @@ def judge_feature(baseline: FeatureBaseline, counts: np.ndarray, min_evidence: i
                           outside)
 
 
+def _beyond_training(baseline: FeatureBaseline, counts: np.ndarray, n: int) -> int:
+    """The rows in the outside slots (underflow and overflow; a category's "other") beyond
+    training's own share of them, rounded; never negative."""
+    slots = [0, -1] if baseline.kind == "numeric" else [-1]
+    live = int(counts[slots].sum())
+    trained = np.asarray(baseline.counts, dtype=np.int64)
+    total = int(trained.sum())
+    share = int(trained[slots].sum()) / total if total else 0.0
+    return max(0, math.floor(live - n * share + 0.5))
+
+
 #: how the drift tables print a status
 STATUS_TEXT: dict[str, str] = {"drift": "DRIFT", "ok": "ok", "insufficient": "not enough data"}
 #: what the drift tables' two data-quality columns mean
 QUALITY_NOTE = ("missing: rows without a value; outside: values beyond the training range "
-                "(below its minimum, above its maximum, or a category outside the vocabulary)")
+                "(below its minimum, above its maximum, or a category outside the vocabulary, "
+                "beyond training's own share of it)")
 
 
 def format_rate(rate: float | None) -> str:

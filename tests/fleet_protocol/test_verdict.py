@@ -34,6 +34,19 @@ def test_categorical_out_of_range_is_the_other_slot() -> None:
     assert v.missing_rate == 0 and v.out_of_range_rate == pytest.approx(0.05)
 
 
+def test_categorical_outside_is_the_other_slot_beyond_training_s_own_share() -> None:
+    """A high-cardinality feature: training put 10% in "other" (rare categories past the
+    vocabulary). A window with that share has nothing outside; one with 30% has the excess,
+    20% of its rows; one with less has none (never negative)."""
+    base = FeatureBaseline(name="user_agent", kind="categorical", categories=("a", "b"),
+                           counts=(50, 40, 10), missing=0, thresholds=THRESHOLDS)
+    assert judge_feature(base, np.array([500, 400, 100]), 100).out_of_range == 0
+    hot = judge_feature(base, np.array([400, 300, 300]), 100)
+    assert hot.out_of_range == 200 and hot.out_of_range_rate == pytest.approx(0.2)
+    assert judge_feature(base, np.array([600, 400, 0]), 100).out_of_range == 0
+    assert judge_feature(base, np.array([5, 4, 4]), 100).out_of_range == 3  # 4 - 1.3, rounded
+
+
 def test_too_few_rows_still_reports_the_counts() -> None:
     """'Not enough data' for a verdict is still data about quality: a sensor that sends
     nothing but NaN has no rows to judge and a missing rate of 100%."""
