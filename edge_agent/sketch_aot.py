@@ -102,9 +102,6 @@ _DECODE_ARGS: tuple[tuple[str, np.dtype[Any], int, str], ...] = (
     ("code_bytes", _I8, 0, "scalar"),
 )
 _DECODE_ENTRY = "decode_f4"
-_DECODE_SIGNATURE = "i8(" + ", ".join(
-    _NUMBA_NAMES[d] + ("" if ndim == 0 else "[::1]" if ndim == 1 else "[:, ::1]")
-    for _, d, ndim, _ in _DECODE_ARGS) + ")"
 _DECODE_CHECKS: tuple[_Check, ...] = tuple(
     (k, d, ndim, kind == "written") for k, (_, d, ndim, kind) in enumerate(_DECODE_ARGS)
     if kind != "scalar")
@@ -114,11 +111,20 @@ def _types(values: np.dtype[Any]) -> list[tuple[np.dtype[Any], int]]:
     return [(values if dtype is None else dtype, ndim) for _, dtype, ndim, _ in _ARGS]
 
 
+def _numba_type(dtype: np.dtype[Any], ndim: int) -> str:
+    """A C-contiguous array's (or, ndim 0, a scalar's) numba type name, e.g. ``f4[:, ::1]``."""
+    return _NUMBA_NAMES[dtype] + ("", "[::1]", "[:, ::1]")[ndim]
+
+
 def _signature(values: np.dtype[Any]) -> str:
     """The numba signature of one entry point, e.g. ``UniTuple(i8, 3)(i8[::1], ...)``."""
-    args = ", ".join(_NUMBA_NAMES[d] + ("[::1]" if ndim == 1 else "[:, ::1]")
-                     for d, ndim in _types(values))
+    args = ", ".join(_numba_type(d, ndim) for d, ndim in _types(values))
     return f"UniTuple(i8, 3)({args})"
+
+
+#: ``_decode_kernel``'s signature
+_DECODE_SIGNATURE = "i8(" + ", ".join(_numba_type(d, ndim)
+                                      for _, d, ndim, _ in _DECODE_ARGS) + ")"
 
 
 def _checks(values: np.dtype[Any]) -> tuple[_Check, ...]:

@@ -138,8 +138,8 @@ class TelemetryRecorder:
         #: stages a request folded itself because the queue was full (under _fold_lock)
         self.inline_folds = 0
         # Folded stages' arrays, reused: a fresh 0.5 MiB array costs page faults on first touch
-        # (~60 µs on a small VM), more than the copy into it. Keyed by (n_in, n_out).
-        # Keyed by (n_in, n_out): rows, outputs, and a deferred batch's labels and probabilities.
+        # (~60 µs on a small VM), more than the copy into it. Keyed by (n_in, n_out): rows,
+        # outputs, and a deferred batch's labels and probabilities.
         self._spare: dict[tuple[int, int], collections.deque[Spare]] = {}
         self._kernels_loaded = False
         self._use_thread = fold_thread
@@ -251,12 +251,11 @@ class TelemetryRecorder:
             win = self._count_batch(model, now, n_rows, latency_us, raw_out_of_range,
                                     raw_empty)
             stage = win.stage
-            width = probabilities.shape[-1]
-            if stage is None or stage.n + n_rows > stage.capacity \
-                    or not stage.takes(decoder, len(text), width):
-                if stage is not None and not stage.takes(decoder, len(text), width):
-                    self._queue(stage)
-                    win.stage = None
+            if stage is not None and not stage.takes(decoder, len(text),
+                                                     probabilities.shape[-1]):
+                self._queue(stage)  # one decoder, code width and probability width a stage
+                stage = win.stage = None
+            if stage is None or stage.n + n_rows > stage.capacity:
                 stage = self._stage_for(win, n_rows)
             log_scores, log_codes = stage.add_deferred(rows, raw, probabilities, decoder,
                                                        len(text))
@@ -413,7 +412,7 @@ class TelemetryRecorder:
         # copy. Outputs stay float64: a model may answer in doubles (a score of 0.49999999999
         # must not round onto a bin edge of 0.5), and they are two columns.
         return Stage(win, np.empty((rows, shape[0]), dtype=np.float32),
-                      np.empty((rows, shape[1]), dtype=np.float64))
+                     np.empty((rows, shape[1]), dtype=np.float64))
 
     def _queue(self, stage: Stage) -> None:
         """Put a stage on the fold queue (caller holds _lock)."""
